@@ -1,0 +1,184 @@
+"""CompileConfig: the one immutable value that decides how a model is compiled.
+
+The environment is read in exactly one place, `CompileConfig.from_env()`, and only when the
+user calls it. Everything else receives a config value explicitly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+import runtime.ops  # noqa: F401  (registers the dispatch ops and their implementations)
+from passes import PASSES
+from runtime.registry import AUTO, kernel_implementations, kernel_ops
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+ENV_PREFIX = "FXKILN_"
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """How to compile a model. Immutable; validated at construction."""
+
+    kernels: Mapping[str, str] = field(default_factory=dict)  # op -> implementation or "auto"
+    passes: tuple[str, ...] | None = None                     # None = the default pipeline
+    capture_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)      # token-count buckets; () = none
+    device: str = "auto"                                      # auto | cpu | cuda | cuda:N
+    verify: bool = False                  # check each pass: before and after agree on random inputs
+    dump_dir: str | None = None           # write each graph's code here, numbered in pass order
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kernels, Mapping):
+            raise ValueError(f"kernels: expected a mapping of op name to implementation, "
+                             f"found {type(self.kernels).__name__}")
+        for op, impl in self.kernels.items():
+            if op not in kernel_ops():
+                raise ValueError(f"kernels: unknown op {op!r}; expected one of {list(kernel_ops())}")
+            valid = [AUTO, *sorted(kernel_implementations(op))]
+            if impl not in valid:
+                raise ValueError(f"kernels[{op!r}]: unknown implementation {impl!r}; "
+                                 f"expected one of {valid}")
+        object.__setattr__(self, "kernels", MappingProxyType(dict(sorted(self.kernels.items()))))
+
+        if self.passes is not None:
+            if isinstance(self.passes, str):
+                raise ValueError(f"passes: expected a tuple of pass names, found the string "
+                                 f"{self.passes!r}")
+            object.__setattr__(self, "passes", tuple(self.passes))
+            for name in self.passes:
+                if name not in PASSES:
+                    raise ValueError(f"passes: unknown pass {name!r}; expected names from "
+                                     f"{sorted(PASSES)}")
+
+        sizes = tuple(self.capture_sizes)
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
+            raise ValueError(f"capture_sizes: expected positive integers, found {sizes!r}")
+        object.__setattr__(self, "capture_sizes", tuple(sorted(set(sizes))))
+
+        if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):
+            raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', "
+                             f"found {self.device!r}")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"verify: expected a bool, found {self.verify!r}")
+
+    # -- identity -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kernels": dict(self.kernels),
+            "passes": None if self.passes is None else list(self.passes),
+            "capture_sizes": list(self.capture_sizes),
+            "device": self.device,
+            "verify": self.verify,
+            "dump_dir": self.dump_dir,
+        }
+
+    def hash(self) -> str:
+        """A digest of the config that is the same in every process (for cache keys)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def replace(self, **changes: Any) -> CompileConfig:
+        return CompileConfig(**{**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CompileConfig:
+        return cls(**values)
+
+    # -- derived --------------------------------------------------------------------------
+    def resolved_device(self) -> torch.device:
+        """The device to compile for; "auto" is CUDA when present, else CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device!r} was asked for, but CUDA is not available; "
+                             f"use 'cpu' or 'auto'")
+        return device
+
+    # -- the environment --------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CompileConfig:
+        """A config from FXKILN_* variables; the only reader of the environment in fxkiln.
+
+        FXKILN_KERNELS="rms_norm=triton,silu_and_mul=native", FXKILN_PASSES="cleanup,..."
+        (or "default"), FXKILN_CAPTURE_SIZES="1,2,4" (empty: no capture), FXKILN_DEVICE,
+        FXKILN_VERIFY=0|1, FXKILN_DUMP_DIR. Any other FXKILN_* variable is an error.
+        """
+        env = os.environ if environ is None else environ
+        parsers = {
+            "KERNELS": ("kernels", _parse_kernels),
+            "PASSES": ("passes", _parse_passes),
+            "CAPTURE_SIZES": ("capture_sizes", _parse_sizes),
+            "DEVICE": ("device", str),
+            "VERIFY": ("verify", _parse_bool),
+            "DUMP_DIR": ("dump_dir", str),
+        }
+        values: dict[str, Any] = {}
+        for key, raw in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            suffix = key[len(ENV_PREFIX):]
+            if suffix not in parsers:
+                raise ValueError(f"unknown environment variable {key}; expected one of "
+                                 f"{[ENV_PREFIX + s for s in parsers]}")
+            name, parse = parsers[suffix]
+            values[name] = parse(raw)
+        return cls(**values)
+
+
+def _reject_unknown_fields(init: Any) -> Any:
+    names = [f.name for f in dataclasses.fields(CompileConfig)]
+
+    def checked_init(self: CompileConfig, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(f"unknown CompileConfig field(s) {unknown}; expected names from {names}")
+        init(self, *args, **kwargs)
+
+    checked_init.__doc__ = init.__doc__
+    return checked_init
+
+
+CompileConfig.__init__ = _reject_unknown_fields(CompileConfig.__init__)  # type: ignore[method-assign]  # unknown keys must be ValueError, not TypeError
+
+
+def _parse_kernels(raw: str) -> dict[str, str]:
+    kernels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        op, sep, impl = item.partition("=")
+        if not sep:
+            raise ValueError(f"FXKILN_KERNELS: expected 'op=implementation' items, found {item!r}")
+        kernels[op.strip()] = impl.strip()
+    return kernels
+
+
+def _parse_passes(raw: str) -> tuple[str, ...] | None:
+    if raw.strip() == "default":
+        return None
+    return tuple(filter(None, (part.strip() for part in raw.split(","))))
+
+
+def _parse_sizes(raw: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"FXKILN_CAPTURE_SIZES: expected comma-separated integers, "
+                         f"found {raw!r}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"FXKILN_VERIFY: expected 0 or 1, found {raw!r}")

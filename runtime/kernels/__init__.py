@@ -1,0 +1,4 @@
+"""Kernel implementations of the dispatch ops. Importing this package registers them all."""
+from __future__ import annotations
+
+from runtime.kernels import native  # noqa: F401  (registers the native implementations)

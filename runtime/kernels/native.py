@@ -1,0 +1,67 @@
+"""Native PyTorch implementations of the dispatch ops: run anywhere, the reference for the rest."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.registry import register_kernel
+
+
+def _everywhere(device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+@register_kernel("rms_norm", "native", supports=_everywhere)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x_fp32 = x.float()
+    variance = x_fp32.pow(2).mean(dim=-1, keepdim=True)
+    return (x_fp32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+@register_kernel("fused_add_rms_norm", "native", supports=_everywhere)
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+@register_kernel("silu_and_mul", "native", supports=_everywhere)
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)  # each (..., d)
+    return F.silu(gate) * up
+
+
+@register_kernel("rotary_embedding", "native", supports=_everywhere)
+def rotary_embedding(
+    positions: torch.Tensor,      # (tokens,)
+    query: torch.Tensor,          # (tokens, q_heads * head_size)
+    key: torch.Tensor,            # (tokens, kv_heads * head_size)
+    cos_sin_cache: torch.Tensor,  # (max_positions, rotary_dim): cos halves then sin halves
+    head_size: int,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)  # each (tokens, rot/2)
+    return (_rotate(query, cos, sin, head_size, is_neox),
+            _rotate(key, cos, sin, head_size, is_neox))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int,
+            is_neox: bool) -> torch.Tensor:
+    tokens = x.shape[0]
+    x = x.view(tokens, -1, head_size)  # (tokens, heads, head_size)
+    rotary_dim = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos = cos.unsqueeze(1).to(x.dtype)  # (tokens, 1, rot/2)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    if is_neox:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+    else:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if is_neox:
+        rotated = torch.cat((o1, o2), dim=-1)
+    else:
+        rotated = torch.stack((o1, o2), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1).reshape(tokens, -1)

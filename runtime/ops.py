@@ -1,0 +1,68 @@
+"""Dispatch ops: `torch.ops.fxkiln.*` custom ops whose eager implementation chooses a kernel.
+
+Each call reads the active kernel settings and asks the registry which implementation to run.
+That per-call choice is the slow path the `kernel_choice` pass removes from compiled graphs;
+it stays because eager users need it. Fake (meta) implementations let Dynamo and FakeTensor
+shape propagation see through the ops, so each op is one node in a captured graph.
+"""
+from __future__ import annotations
+
+import torch
+
+import runtime.kernels  # noqa: F401  (registers the implementations)
+from runtime.registry import KernelImpl, choose_kernel
+from runtime.settings import active_kernel_choice
+
+DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
+
+
+def _dispatch(op: str, x: torch.Tensor) -> KernelImpl:
+    return choose_kernel(op, active_kernel_choice(op), x.device, x.dtype)
+
+
+@torch.library.custom_op("fxkiln::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _dispatch("rms_norm", x).fn(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fxkiln::fused_add_rms_norm", mutates_args=())
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dispatch("fused_add_rms_norm", x).fn(x, residual, weight, eps)
+
+
+@fused_add_rms_norm.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("fxkiln::silu_and_mul", mutates_args=())
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _dispatch("silu_and_mul", x).fn(x)
+
+
+@silu_and_mul.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("fxkiln::rotary_embedding", mutates_args=())
+def rotary_embedding(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+    cos_sin_cache: torch.Tensor, head_size: int, is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dispatch("rotary_embedding", query).fn(
+        positions, query, key, cos_sin_cache, head_size, is_neox)
+
+
+@rotary_embedding.register_fake
+def _(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+      cos_sin_cache: torch.Tensor, head_size: int, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(query), torch.empty_like(key)
