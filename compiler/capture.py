@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -49,7 +49,17 @@ class ShapePropagator:
 
     def __call__(self, gm: fx.GraphModule) -> None:
         with self.fake_mode:
-            FakeTensorProp(gm, self.fake_mode).propagate_dont_convert_inputs(*self.fake_inputs)
+            _FakeProp(gm, self.fake_mode).propagate_dont_convert_inputs(*self.fake_inputs)
+
+
+class _FakeProp(FakeTensorProp):
+    """FakeTensorProp that also fakes real constants (weights a pass added as attributes)."""
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return self._mode.from_tensor(value, static_shapes=True)
+        return value
 
 
 def symbolic_propagator(example_inputs: Sequence[Any]) -> ShapePropagator:
@@ -76,15 +86,15 @@ def dynamo_propagator(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Shap
     real tensor) so passes can treat them as compile-time constants.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    fake_mode = torch._guards.detect_fake_mode()
     fakes: list[Any] = []
     for node, value in zip(placeholders, example_inputs):
         example = node.meta.get("example_value", node.meta.get("val"))
         if _is_static_input(node, value):
             node.meta["static_value"] = value
         fakes.append(example if example is not None else value)
-    if fake_mode is None:
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # The fake mode the example values were made in (not the tracing context's, which differs).
+    modes = [value.fake_mode for value in fakes if isinstance(value, FakeTensor)]
+    fake_mode = modes[0] if modes else FakeTensorMode(allow_non_fake_inputs=True)
     return ShapePropagator(fake_mode, tuple(fakes))
 
 
