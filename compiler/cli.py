@@ -27,7 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("kernels", help="list the dispatch ops and their implementations")
     commands.add_parser("config", help="print the config FXKILN_* variables give, and its hash")
     args = parser.parse_args(argv)
-    return {"demo": _demo, "passes": _passes, "kernels": _kernels, "config": _config}[args.command](args)
+    command = {"demo": _demo, "passes": _passes, "kernels": _kernels, "config": _config}[args.command]
+    try:
+        return command(args)
+    except ValueError as exc:  # bad config or input: say what, without a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _demo(args: argparse.Namespace) -> int:
