@@ -14,9 +14,10 @@ from models.weights import iterate_safetensors, load_weights
 
 
 def _model_classes() -> dict[str, type[ProjectModel]]:
+    from models.bart import BartForConditionalGeneration
     from models.llama import LlamaForCausalLM
 
-    return {"llama": LlamaForCausalLM}
+    return {"bart": BartForConditionalGeneration, "llama": LlamaForCausalLM}
 
 
 def from_hf(hf_model_or_dir: Any, tp_size: int = 1, *, group: dist.ProcessGroup | None = None,

@@ -11,6 +11,7 @@ from torch import fx
 from models.layers import Attention
 from runtime.forward_context import AttentionMetadata, set_forward_context
 from runtime.kv_cache import AttentionKind, AttentionSpec, LayerKVCache, allocate_kv_caches
+from tests.model_oracle import one_torch_thread  # noqa: F401  (an autouse fixture)
 from tests.tracing import attention_nodes, fake_propagate
 
 LAYER = "layer"

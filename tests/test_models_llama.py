@@ -8,7 +8,14 @@ import torch
 from models import UnsupportedConfigError, from_hf
 from models.llama import LlamaForCausalLM
 from runtime import generate
-from tests.model_oracle import build_hf, hf_greedy, hf_logits, random_ids, step_logits
+from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+    build_hf,
+    hf_greedy,
+    hf_logits,
+    one_torch_thread,
+    random_ids,
+    step_logits,
+)
 from tests.tracing import attention_nodes, fake_propagate, trace
 
 ATOL = 1e-4
