@@ -6,6 +6,8 @@
 It finds what it needs to allocate caches (the `GenerationModel` protocol below) on `model`
 itself or, for a wrapper such as a compiled model, on `model.model`. Each step runs inside
 `set_forward_context`, so attention ops see that step's metadata and the KV caches.
+`DecodeSession` is the step-level API underneath (prefill, then one decode step per call), for
+callers that choose tokens themselves; `uniform_batch_metadata` builds one step's metadata.
 """
 from __future__ import annotations
 
@@ -71,6 +73,58 @@ def uniform_batch_metadata(batch: int, new_tokens: int, context_len: int, max_le
     return AttentionMetadata(**metadata)
 
 
+class DecodeSession:
+    """KV caches and step bookkeeping for `batch` sequences of equal prompt length.
+
+    `prefill` runs the prompts (and the encoder, for encoder-decoder models); each `decode` call
+    then adds one token per sequence. Both return logits; the caller picks the tokens.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], batch: int, prompt_len: int,
+                 max_new_tokens: int, encoder_len: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        spec_model = find_generation_model(model)
+        self.model = model
+        self.batch, self.prompt_len, self.encoder_len = batch, prompt_len, encoder_len
+        self.max_len = prompt_len + max_new_tokens
+        self.device = torch.device(device)
+        self.context_len = 0
+        self.kv_caches = allocate_kv_caches(spec_model.attention_specs(), batch * self.max_len,
+                                            batch * (encoder_len or 0), spec_model.dtype,
+                                            self.device)
+
+    def prefill(self, input_ids: torch.Tensor, encoder_input_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """input_ids (batch, prompt_len) -> logits (batch, prompt_len, vocab)."""
+        positions = torch.arange(self.prompt_len, device=self.device).repeat(self.batch)
+        encoder_inputs: tuple[torch.Tensor, ...] = ()
+        if encoder_input_ids is not None:
+            encoder_positions = torch.arange(encoder_input_ids.shape[1], device=self.device)
+            encoder_inputs = (encoder_input_ids.reshape(-1), encoder_positions.repeat(self.batch))
+        logits = self._step(self.prompt_len, input_ids.reshape(-1), positions, encoder_inputs,
+                            encoder_tokens=self.encoder_len or 0)
+        return logits.view(self.batch, self.prompt_len, -1)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch,), one new token per sequence -> logits (batch, vocab)."""
+        if self.context_len == 0 or self.context_len >= self.max_len:
+            raise RuntimeError(f"decode: expected a prefilled session with room left, found "
+                               f"context {self.context_len} of {self.max_len}")
+        positions = torch.full((self.batch,), self.context_len, dtype=torch.long,
+                               device=self.device)
+        no_encoder_tokens = tokens.new_empty((0,))
+        encoder_inputs = (no_encoder_tokens, no_encoder_tokens) if self.encoder_len else ()
+        return self._step(1, tokens, positions, encoder_inputs, encoder_tokens=0)
+
+    def _step(self, new_tokens: int, tokens: torch.Tensor, positions: torch.Tensor,
+              encoder_inputs: tuple[torch.Tensor, ...], encoder_tokens: int) -> torch.Tensor:
+        self.context_len += new_tokens
+        metadata = uniform_batch_metadata(self.batch, new_tokens, self.context_len, self.max_len,
+                                          self.device, self.encoder_len, encoder_tokens)
+        with set_forward_context(metadata, self.kv_caches):
+            return self.model(tokens, positions, *encoder_inputs)  # (tokens, vocab)
+
+
 @torch.no_grad()
 def generate(model: Callable[..., torch.Tensor], input_ids: torch.Tensor | None,
              max_new_tokens: int, encoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,42 +135,17 @@ def generate(model: Callable[..., torch.Tensor], input_ids: torch.Tensor | None,
     encoder_input_ids: (batch, source_len), required by encoder-decoder models only.
     No early stop at end-of-sequence: every sequence gets exactly `max_new_tokens` tokens.
     """
-    spec_model = find_generation_model(model)
-    input_ids = _check_inputs(spec_model, input_ids, encoder_input_ids)
+    input_ids = _check_inputs(find_generation_model(model), input_ids, encoder_input_ids)
     batch, prompt_len = input_ids.shape
-    device = input_ids.device
     if max_new_tokens <= 0:
         return input_ids.new_empty((batch, 0))
-    max_len = prompt_len + max_new_tokens
     encoder_len = None if encoder_input_ids is None else encoder_input_ids.shape[1]
-    caches = allocate_kv_caches(spec_model.attention_specs(), batch * max_len,
-                                batch * (encoder_len or 0), spec_model.dtype, device)
-
-    tokens = input_ids.reshape(-1)                                       # (batch * prompt_len,)
-    positions = torch.arange(prompt_len, device=device).repeat(batch)    # (batch * prompt_len,)
-    encoder_inputs: tuple[torch.Tensor, ...] = ()
-    if encoder_input_ids is not None:
-        assert encoder_len is not None
-        encoder_inputs = (encoder_input_ids.reshape(-1),                 # (batch * source_len,)
-                          torch.arange(encoder_len, device=device).repeat(batch))
-    no_encoder_tokens = (input_ids.new_empty((0,)), input_ids.new_empty((0,)))
-
-    generated: list[torch.Tensor] = []
-    new_tokens, context_len = prompt_len, prompt_len
-    for _ in range(max_new_tokens):
-        encoder_tokens = (encoder_len or 0) if not generated else 0  # the encoder runs once
-        metadata = uniform_batch_metadata(batch, new_tokens, context_len, max_len, device,
-                                          encoder_len, encoder_tokens)
-        with set_forward_context(metadata, caches):
-            logits = model(tokens, positions, *encoder_inputs)           # (tokens, vocab)
-        last_rows = torch.tensor(metadata.query_start_loc[1:], device=device) - 1
-        next_tokens = logits[last_rows].argmax(dim=-1)                   # (batch,)
-        generated.append(next_tokens)
-        tokens = next_tokens
-        positions = torch.full((batch,), context_len, dtype=torch.long, device=device)
-        if encoder_inputs:
-            encoder_inputs = no_encoder_tokens
-        new_tokens, context_len = 1, context_len + 1
+    session = DecodeSession(model, batch, prompt_len, max_new_tokens, encoder_len,
+                            input_ids.device)
+    logits = session.prefill(input_ids, encoder_input_ids)[:, -1]  # (batch, vocab)
+    generated = [logits.argmax(dim=-1)]                            # each (batch,)
+    while len(generated) < max_new_tokens:
+        generated.append(session.decode(generated[-1]).argmax(dim=-1))
     return torch.stack(generated, dim=1)
 
 

@@ -13,9 +13,7 @@ import pytest
 import torch
 import transformers
 
-from runtime.forward_context import set_forward_context
-from runtime.generation import find_generation_model, uniform_batch_metadata
-from runtime.kv_cache import allocate_kv_caches
+from runtime.generation import DecodeSession
 
 LLAMA_BASE: dict[str, Any] = dict(
     vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -97,30 +95,12 @@ def step_logits(model: Any, prompt: torch.Tensor, continuation: torch.Tensor,
     """Our logits for prompt + continuation, computed as a prefill step then one decode step per
     continuation token (through the KV cache): (batch, prompt_len + steps, vocab), the layout of
     `hf_logits`."""
-    spec_model = find_generation_model(model)
     batch, prompt_len = prompt.shape
-    steps = continuation.shape[1]
-    max_len = prompt_len + steps
     encoder_len = None if encoder_ids is None else encoder_ids.shape[1]
-    caches = allocate_kv_caches(spec_model.attention_specs(), batch * max_len,
-                                batch * (encoder_len or 0), spec_model.dtype, prompt.device)
-    encoder_inputs: tuple[torch.Tensor, ...] = ()
-    if encoder_ids is not None:
-        encoder_inputs = (encoder_ids.reshape(-1), torch.arange(encoder_ids.shape[1]).repeat(batch))
-    metadata = uniform_batch_metadata(batch, prompt_len, prompt_len, max_len, prompt.device,
-                                      encoder_len, encoder_len or 0)
-    with set_forward_context(metadata, caches):
-        logits = model(prompt.reshape(-1), torch.arange(prompt_len).repeat(batch), *encoder_inputs)
-    outputs = [logits.view(batch, prompt_len, -1)]
-    empty = torch.empty(0, dtype=torch.long)
-    for step in range(steps):
-        position = prompt_len + step
-        metadata = uniform_batch_metadata(batch, 1, position + 1, max_len, prompt.device,
-                                          encoder_len, 0)
-        with set_forward_context(metadata, caches):
-            logits = model(continuation[:, step], torch.full((batch,), position),
-                           *((empty, empty) if encoder_ids is not None else ()))
-        outputs.append(logits.view(batch, 1, -1))
+    session = DecodeSession(model, batch, prompt_len, continuation.shape[1], encoder_len,
+                            prompt.device)
+    outputs = [session.prefill(prompt, encoder_ids)]
+    outputs += [session.decode(tokens).unsqueeze(1) for tokens in continuation.unbind(dim=1)]
     return torch.cat(outputs, dim=1)
 
 

@@ -95,3 +95,17 @@ def test_traced_graph_generates_what_the_model_generates() -> None:
 def test_unsupported_activation_names_the_config_key() -> None:
     with pytest.raises(UnsupportedConfigError, match="activation_function"):
         from_hf(build_hf("bart", seed=11, activation_function="quick_gelu"))
+
+
+@pytest.mark.gpu
+def test_on_cuda_logits_and_greedy_tokens_match_hf_on_cpu() -> None:
+    hf = build_hf("bart", seed=12)
+    model = from_hf(hf, device="cuda")
+    source = random_ids((2, 7), hf.config.vocab_size, seed=13)
+    prompt = decoder_prompt(hf, 2)
+    continuation = random_ids((2, 8), hf.config.vocab_size, seed=14)
+    ours = step_logits(model, prompt.cuda(), continuation.cuda(), source.cuda()).cpu()
+    expected = hf_logits(hf, torch.cat([prompt, continuation], dim=1), source)
+    torch.testing.assert_close(ours, expected, atol=1e-3, rtol=0)
+    tokens = generate(model, None, 8, encoder_input_ids=source.cuda()).cpu()
+    assert torch.equal(tokens, hf_greedy(hf, prompt, 8, source))

@@ -92,3 +92,15 @@ def test_config_that_changes_the_math_and_is_not_implemented_is_refused(override
     hf = build_hf("llama", seed=11, **overrides)
     with pytest.raises(UnsupportedConfigError, match=key.replace(".", r"\.")):
         from_hf(hf)
+
+
+@pytest.mark.gpu
+def test_on_cuda_logits_and_greedy_tokens_match_hf_on_cpu() -> None:
+    hf = build_hf("llama", seed=12, num_key_value_heads=2)
+    model = from_hf(hf, device="cuda")
+    prompt = random_ids((2, 5), hf.config.vocab_size, seed=13)
+    continuation = random_ids((2, 8), hf.config.vocab_size, seed=14)
+    ours = step_logits(model, prompt.cuda(), continuation.cuda()).cpu()
+    expected = hf_logits(hf, torch.cat([prompt, continuation], dim=1))
+    torch.testing.assert_close(ours, expected, atol=1e-3, rtol=0)
+    assert torch.equal(generate(model, prompt.cuda(), 8).cpu(), hf_greedy(hf, prompt, 8))
