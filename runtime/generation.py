@@ -55,8 +55,7 @@ def uniform_batch_metadata(batch: int, new_tokens: int, context_len: int, max_le
     slot_tables = torch.arange(batch * max_len, device=device).view(batch, max_len)
     new_positions = slice(context_len - new_tokens, context_len)
     metadata: dict[str, Any] = dict(
-        query_start_loc=tuple(range(0, batch * new_tokens + 1, new_tokens)) if new_tokens
-        else (0,) * (batch + 1),
+        query_start_loc=_offsets(batch, new_tokens),
         seq_lens=(context_len,) * batch,
         slot_mapping=slot_tables[:, new_positions].reshape(-1),  # (batch * new_tokens,)
         slot_tables=slot_tables,
@@ -64,13 +63,16 @@ def uniform_batch_metadata(batch: int, new_tokens: int, context_len: int, max_le
     if encoder_len is not None:
         encoder_tables = torch.arange(batch * encoder_len, device=device).view(batch, encoder_len)
         metadata.update(
-            encoder_query_start_loc=tuple(range(0, batch * encoder_tokens + 1, encoder_tokens))
-            if encoder_tokens else (0,) * (batch + 1),
+            encoder_query_start_loc=_offsets(batch, encoder_tokens),
             encoder_seq_lens=(encoder_len,) * batch,
             encoder_slot_mapping=encoder_tables[:, :encoder_tokens].reshape(-1),
             encoder_slot_tables=encoder_tables,
         )
     return AttentionMetadata(**metadata)
+
+
+def _offsets(batch: int, per_sequence: int) -> tuple[int, ...]:
+    return tuple(index * per_sequence for index in range(batch + 1))
 
 
 class DecodeSession:

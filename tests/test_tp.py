@@ -14,7 +14,6 @@ from models.llama import LlamaForCausalLM
 from models.parallel import TensorParallel
 from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
     build_hf,
-    decoder_prompt,
     hf_logits,
     one_torch_thread,
     random_ids,
