@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -82,7 +83,9 @@ def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[An
     refresh = symbolic_propagator(inputs)
     refresh(gm)
     report = CompileReport(frontend="symbolic_trace", device=str(device))
-    gm = optimize_graph(gm, inputs, config, refresh, report)
+    example_context = getattr(model, "example_context", None)
+    run_context = (lambda: example_context(*inputs)) if callable(example_context) else None
+    gm = optimize_graph(gm, inputs, config, refresh, report, run_context)
     return CompiledModel(gm, report, config, gm, model)
 
 
@@ -108,9 +111,17 @@ def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[
 
 
 def optimize_graph(gm: fx.GraphModule, inputs: Sequence[Any], config: CompileConfig,
-                   refresh: ShapePropagator, report: CompileReport) -> fx.GraphModule:
-    """Run the configured pipeline on `gm`, filling `report`'s pass, FLOP and weight figures."""
-    report.flops_before = count_flops(gm, inputs)
+                   refresh: ShapePropagator, report: CompileReport,
+                   run_context: Callable[[], AbstractContextManager[Any]] | None = None,
+                   ) -> fx.GraphModule:
+    """Run the configured pipeline on `gm`, filling `report`'s pass, FLOP and weight figures.
+
+    `run_context` makes the context the graph needs to run at compile time (a project
+    model's forward context for its attention ops); FLOP counts and verification use it.
+    """
+    context_factory = run_context if run_context is not None else nullcontext
+    with context_factory():
+        report.flops_before = count_flops(gm, inputs)
     report.weight_bytes_before = weight_bytes(gm)
     context = PassContext(device=config.resolved_device(), kernels=config.kernels)
     names = DEFAULT_PIPELINE if config.passes is None else config.passes
@@ -119,11 +130,13 @@ def optimize_graph(gm: fx.GraphModule, inputs: Sequence[Any], config: CompileCon
         refresh=refresh,
         dump_dir=config.dump_dir,
         verify_inputs=random_inputs_like(gm, inputs) if config.verify else None,
+        verify_context=run_context,
     )
     gm, records = manager(gm)
     report.add_passes(records)
     report.kernels = dict(gm.meta.get("fxkiln_kernels", {}))
-    report.flops_after = count_flops(gm, inputs)
+    with context_factory():
+        report.flops_after = count_flops(gm, inputs)
     report.weight_bytes_after = weight_bytes(gm)
     return gm
 

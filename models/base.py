@@ -1,6 +1,7 @@
 """What every project model provides besides forward: the generation and compile seams."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
@@ -8,7 +9,9 @@ from torch import nn
 
 from models.errors import UnsupportedConfigError
 from models.layers.attention import collect_attention_specs
-from runtime.kv_cache import AttentionSpec
+from runtime.forward_context import set_forward_context
+from runtime.generation import uniform_batch_metadata
+from runtime.kv_cache import AttentionSpec, allocate_kv_caches
 
 
 class ProjectModel(nn.Module):
@@ -42,6 +45,21 @@ class ProjectModel(nn.Module):
     def example_inputs(self, num_tokens: int) -> tuple[torch.Tensor, ...]:
         """Inputs of forward for `num_tokens` tokens (for tracing and compile_model)."""
         raise NotImplementedError
+
+    def example_context(self, *inputs: torch.Tensor) -> AbstractContextManager[Any]:
+        """A forward context under which `forward(*inputs)` runs outside generation.
+
+        One sequence whose prompt is all of `inputs` (a prefill; for encoder-decoder models the
+        encoder tokens are the third input), with fresh KV caches of just that size.
+        compile_model uses it to run the graph at compile time (FLOP counts, verification).
+        """
+        num_tokens = inputs[0].shape[0]
+        encoder_len = inputs[2].shape[0] if self.is_encoder_decoder else None
+        caches = allocate_kv_caches(self.attention_specs(), num_tokens, encoder_len or 0,
+                                    self.dtype, self.device)
+        metadata = uniform_batch_metadata(1, num_tokens, num_tokens, num_tokens, self.device,
+                                          encoder_len, encoder_len or 0)
+        return set_forward_context(metadata, caches)
 
 
 def require_config(config: Any, key: str, supported: tuple[Any, ...]) -> Any:
