@@ -36,13 +36,15 @@ class KernelChoicePass(GraphPass):
     graph holds no dispatch op and reads no settings at run time. Choices are recorded in
     `gm.meta["fxkiln_kernels"]` (op name -> implementation name) for the report.
 
-    Before:
-        fxkiln_rms_norm = torch.ops.fxkiln.rms_norm(x, weight, 1e-06)
-        silu_and_mul_default = torch.ops.fxkiln.silu_and_mul.default(fxkiln_rms_norm)
+    Before (the golden test's graph):
+        weight = self.weight
+        rms_norm = torch.ops.fxkiln.rms_norm(x, weight, 1e-06);  x = weight = None
+        silu_and_mul_default = torch.ops.fxkiln.silu_and_mul.default(rms_norm);  rms_norm = None
         return silu_and_mul_default
-    After (kernels={"rms_norm": "triton"}, on CPU):
-        rms_norm = runtime_kernels_triton_kernels_rms_norm(x, weight, 1e-06, 64, 1)
-        silu_and_mul = runtime_kernels_native_silu_and_mul(rms_norm)
+    After, with kernels={"rms_norm": "triton"} on CPU (block 64, 1 warp; silu_and_mul "auto"):
+        weight = self.weight
+        rms_norm_1 = runtime_kernels_triton_kernels_rms_norm(x, weight, 1e-06, 64, 1);  x = weight = None
+        silu_and_mul = runtime_kernels_native_silu_and_mul(rms_norm_1);  rms_norm_1 = None
         return silu_and_mul
     """
 

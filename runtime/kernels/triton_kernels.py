@@ -31,13 +31,21 @@ MAX_ROW_BLOCK = 65536  # one program holds a whole row for the norms
 SILU_BLOCK = 1024
 
 
-def interpreter_active() -> bool:
-    """True when the kernels were jitted for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+def _jitted_for_interpreter() -> bool:
     if triton_jit is None:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(triton_jit.rms_norm_rows_kernel, InterpretedFunction)
+
+
+# Fixed when the kernels were jitted (TRITON_INTERPRET=1 at that moment): a fact of this process.
+_INTERPRETED = _jitted_for_interpreter()
+
+
+def interpreter_active() -> bool:
+    """True when the kernels were jitted for Triton's CPU interpreter."""
+    return _INTERPRETED
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
