@@ -28,15 +28,17 @@ class CleanupPass(GraphPass):
     honest. A node is a no-op only when shape propagation proves its output shape equals its
     input shape (symbolic shapes included); contiguous() only when the input is contiguous.
 
-    Before:
-        linear = torch._C._nn.linear(x, w, b)
-        view = linear.view(s0, 8)              # linear is already (s0, 8)
-        getitem = view[(slice(None, None, None), slice(0, 8, None))]
-        unused = torch.relu(x)
-        return (getitem,)
+    Before (the golden test's graph):
+        linear = torch._C._nn.linear(x, proj_weight, proj_bias)
+        getattr_1 = x.shape
+        getitem = getattr_1[0]
+        view = linear.view(getitem, 8)
+        getitem_1 = view[(slice(None, None, None), slice(0, 8, None))]
+        relu = torch.relu(x)
+        return getitem_1
     After:
-        linear = torch._C._nn.linear(x, w, b)
-        return (linear,)
+        linear = torch._C._nn.linear(x, proj_weight, proj_bias)
+        return linear
     """
 
     name = "cleanup"
@@ -101,7 +103,16 @@ def _known_at_least(stop: Any, size: Any) -> bool:
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> int:
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     return before - len(gm.graph.nodes)
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """FX's notion, plus in-place methods and functions (`out.copy_(x)`), which it misses."""
+    if node.is_impure():
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    in_place = name.endswith("_") and not name.startswith("_")
+    return node.op in ("call_method", "call_function") and in_place
 
 

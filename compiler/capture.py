@@ -1,0 +1,135 @@
+"""Graph capture: a model becomes a torch.fx GraphModule with shapes on every node.
+
+Two front ends give the same kind of graph. `torch.fx.symbolic_trace` (through every module,
+so `nn.Linear` becomes an `F.linear` node as under Dynamo) serves models written to be
+traceable, such as our own; TorchDynamo serves everything else. Either way each node ends up
+with `meta["val"]`, a FakeTensor whose token dimension (dim 0 of each input) is a symbol of
+torch's sympy-backed ShapeEnv, so one graph serves every token count.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+logger = logging.getLogger(__name__)
+
+
+class GraphBreakError(RuntimeError):
+    """Dynamo could not capture the model as one graph."""
+
+
+class _ThroughModulesTracer(fx.Tracer):
+    """Traces into every submodule, so layers appear as the functional calls they make."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+
+def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
+    """symbolic_trace through all submodules; raises whatever tracing raises."""
+    graph = _ThroughModulesTracer().trace(model)
+    name = type(model).__name__
+    return fx.GraphModule(model, graph, name)
+
+
+@dataclass
+class ShapePropagator:
+    """Re-runs fake-tensor shape propagation; passes call it after they add nodes."""
+
+    fake_mode: FakeTensorMode
+    fake_inputs: tuple[Any, ...]
+
+    def __call__(self, gm: fx.GraphModule) -> None:
+        with self.fake_mode:
+            _FakeProp(gm, self.fake_mode).propagate_dont_convert_inputs(*self.fake_inputs)
+
+
+class _FakeProp(FakeTensorProp):
+    """FakeTensorProp that also fakes real constants (weights a pass added as attributes)."""
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return self._mode.from_tensor(value, static_shapes=True)
+        return value
+
+
+def symbolic_propagator(example_inputs: Sequence[Any]) -> ShapePropagator:
+    """Fake inputs whose dim 0 is dynamic, for graphs from `symbolic_trace`."""
+    shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
+    mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+    fakes: list[Any] = []
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            sizes = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (value.dim() - 1)
+            context = StatelessSymbolicContext(dynamic_sizes=sizes)
+            fakes.append(mode.from_tensor(value, symbolic_context=context))
+        elif isinstance(value, torch.Tensor):
+            fakes.append(mode.from_tensor(value))
+        else:
+            fakes.append(value)
+    return ShapePropagator(mode, tuple(fakes))
+
+
+def dynamo_propagator(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> ShapePropagator:
+    """For graphs handed to a Dynamo backend: Dynamo's own fake mode and symbolic inputs.
+
+    Placeholders that carry parameters or buffers are marked with meta["static_value"] (the
+    real tensor) so passes can treat them as compile-time constants.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes: list[Any] = []
+    for node, value in zip(placeholders, example_inputs):
+        example = node.meta.get("example_value", node.meta.get("val"))
+        if _is_static_input(node, value):
+            node.meta["static_value"] = value
+        fakes.append(example if example is not None else value)
+    # The fake mode the example values were made in (not the tracing context's, which differs).
+    modes = [value.fake_mode for value in fakes if isinstance(value, FakeTensor)]
+    fake_mode = modes[0] if modes else FakeTensorMode(allow_non_fake_inputs=True)
+    return ShapePropagator(fake_mode, tuple(fakes))
+
+
+def _is_static_input(node: fx.Node, value: Any) -> bool:
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is None:
+        return False
+    name = source.name() if callable(source.name) else str(source.name)
+    return "_parameters" in name or "_buffers" in name
+
+
+def concrete_inputs(example_inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Dynamo hands SymInts for size inputs; running the graph needs their example values."""
+    return tuple(int(v.node.hint) if isinstance(v, torch.SymInt) else v for v in example_inputs)
+
+
+def describe_graph_break(exc: BaseException) -> str:
+    """'file:line: reason' for the frame where Dynamo broke the graph."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = "unknown location"
+    frames = getattr(exc, "real_stack", None) or []
+    if frames:
+        frame = frames[-1]
+        where = f"{frame.filename}:{frame.lineno}"
+    else:
+        tb = exc.__traceback__
+        user_frames = []
+        while tb is not None:
+            user_frames.append(tb)
+            tb = tb.tb_next
+        for tb_frame in reversed(user_frames):
+            filename = tb_frame.tb_frame.f_code.co_filename
+            if "torch/" not in filename:
+                where = f"{filename}:{tb_frame.tb_lineno}"
+                break
+    return f"{where}: {reason}"

@@ -1,0 +1,176 @@
+"""compile_model: capture, rewrite, and wrap a model so that it runs the rewritten graph."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from compiler.capture import (
+    GraphBreakError,
+    ShapePropagator,
+    describe_graph_break,
+    symbolic_propagator,
+    symbolic_trace,
+)
+from compiler.config import CompileConfig
+from compiler.pass_manager import PassManager
+from compiler.report import CompileReport, count_flops, weight_bytes
+from passes import DEFAULT_PIPELINE, PASSES, PassContext
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXAMPLE_TOKENS = 8
+
+
+class CompiledModel:
+    """A compiled model: call it like the original; read `report` and `graph_module`."""
+
+    def __init__(self, run: Callable[..., Any], report: CompileReport, config: CompileConfig,
+                 graph_module: fx.GraphModule, model: torch.nn.Module) -> None:
+        self._run = run
+        self.report = report
+        self.config = config
+        self.graph_module = graph_module
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self._run(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel({type(self.model).__name__}, {self.report.frontend})"
+
+
+def compile_model(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    config: CompileConfig | None = None,
+) -> CompiledModel:
+    """Capture `model`, rewrite its graph with the configured passes, and return it compiled.
+
+    `example_inputs` is a tuple of positional inputs or a dict of keyword inputs; models that
+    define `example_inputs(num_tokens)` (fxkiln's own) may omit it. Models that
+    `torch.fx.symbolic_trace` can trace are captured that way; others through TorchDynamo as
+    one graph (a graph break is an error naming where it happened).
+    """
+    config = config if config is not None else CompileConfig()
+    device = config.resolved_device()
+    _check_model_device(model, device)
+    inputs = _example_inputs(model, example_inputs)
+    start = time.perf_counter()
+    if isinstance(inputs, tuple):
+        try:
+            gm = symbolic_trace(model)
+        except Exception as exc:  # noqa: BLE001  (any trace failure means: use Dynamo)
+            logger.debug("symbolic_trace failed (%s: %s); capturing with Dynamo",
+                         type(exc).__name__, exc)
+        else:
+            compiled = _compile_traced(model, gm, inputs, config, device)
+            compiled.report.compile_seconds = time.perf_counter() - start
+            return compiled
+    compiled = _compile_with_dynamo(model, inputs, config)
+    compiled.report.compile_seconds = time.perf_counter() - start
+    return compiled
+
+
+def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+                    config: CompileConfig, device: torch.device) -> CompiledModel:
+    refresh = symbolic_propagator(inputs)
+    refresh(gm)
+    report = CompileReport(frontend="symbolic_trace", device=str(device))
+    gm = optimize_graph(gm, inputs, config, refresh, report)
+    return CompiledModel(gm, report, config, gm, model)
+
+
+def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],
+                         config: CompileConfig) -> CompiledModel:
+    from compiler.backend import Backend  # the backend module imports this one
+
+    backend = Backend(config)
+    optimized = torch.compile(model, backend=backend, fullgraph=True)
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+    try:
+        with torch.no_grad():
+            optimized(*args, **kwargs)
+    except torch._dynamo.exc.Unsupported as exc:
+        raise GraphBreakError(f"TorchDynamo could not capture {type(model).__name__} as one "
+                              f"graph: graph break at {describe_graph_break(exc)}") from exc
+    if not backend.reports:
+        raise GraphBreakError(f"TorchDynamo produced no graph for {type(model).__name__}")
+    return CompiledModel(optimized, backend.reports[-1], config, backend.graph_modules[-1], model)
+
+
+def optimize_graph(gm: fx.GraphModule, inputs: Sequence[Any], config: CompileConfig,
+                   refresh: ShapePropagator, report: CompileReport) -> fx.GraphModule:
+    """Run the configured pipeline on `gm`, filling `report`'s pass, FLOP and weight figures."""
+    report.flops_before = count_flops(gm, inputs)
+    report.weight_bytes_before = weight_bytes(gm)
+    context = PassContext(device=config.resolved_device(), kernels=config.kernels)
+    names = DEFAULT_PIPELINE if config.passes is None else config.passes
+    manager = PassManager(
+        [PASSES[name](context) for name in names],
+        refresh=refresh,
+        dump_dir=config.dump_dir,
+        verify_inputs=random_inputs_like(gm, inputs) if config.verify else None,
+    )
+    gm, records = manager(gm)
+    report.add_passes(records)
+    report.kernels = dict(gm.meta.get("fxkiln_kernels", {}))
+    report.flops_after = count_flops(gm, inputs)
+    report.weight_bytes_after = weight_bytes(gm)
+    return gm
+
+
+def random_inputs_like(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Fresh inputs shaped like `inputs`; weights (static placeholders) and sizes kept as they are.
+
+    Floats are standard normal; integers are drawn from the example's own range, so that token
+    ids and positions stay valid indices.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    randomized: list[Any] = []
+    for node, value in zip(placeholders, inputs):
+        if not isinstance(value, torch.Tensor) or "static_value" in node.meta:
+            randomized.append(value)
+        elif value.is_floating_point():
+            randomized.append(torch.randn_like(value))
+        elif value.dtype == torch.bool or value.numel() == 0:
+            randomized.append(value.clone())
+        else:
+            low, high = int(value.min()), int(value.max())
+            randomized.append(torch.randint_like(value, low, high + 1))
+    return tuple(randomized)
+
+
+def _example_inputs(model: torch.nn.Module,
+                    example_inputs: Sequence[Any] | Mapping[str, Any] | None,
+                    ) -> tuple[Any, ...] | dict[str, Any]:
+    if example_inputs is None:
+        make = getattr(model, "example_inputs", None)
+        if not callable(make):
+            raise ValueError(f"compile_model: {type(model).__name__} has no example_inputs("
+                             f"num_tokens) method, so example inputs must be given")
+        example_inputs = make(DEFAULT_EXAMPLE_TOKENS)
+    if isinstance(example_inputs, Mapping):
+        return dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence):
+        return tuple(example_inputs)
+    raise ValueError(f"compile_model: expected example_inputs as a tuple or a dict of keyword "
+                     f"inputs, found {type(example_inputs).__name__}")
+
+
+def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type != device.type:
+            raise ValueError(f"compile_model: the config compiles for {device}, but "
+                             f"{type(model).__name__}.{name} is on {tensor.device}; move the "
+                             f"model (model.to({str(device)!r})) or set CompileConfig(device=...)")

@@ -1,0 +1,154 @@
+"""PassManager: runs passes in order and owns linting, timing, dumps, verification and counters."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_flatten
+
+from passes.base import GraphPass
+
+logger = logging.getLogger(__name__)
+
+
+class PassError(RuntimeError):
+    """A pass raised; the message names it and the passes that ran before it."""
+
+
+class PassVerificationError(AssertionError):
+    """A pass changed what the graph computes."""
+
+
+@dataclass
+class PassRecord:
+    """What one pass did."""
+
+    name: str
+    matches: int
+    modified: bool
+    seconds: float
+
+
+class PassManager:
+    """An ordered list of passes and what happens around each one.
+
+    `refresh` re-runs shape propagation after a pass that modified the graph, so the next pass
+    sees `meta["val"]` on new nodes. With `dump_dir`, the graph's code is written before the
+    first pass (000) and after each pass (001, 002, ...). With `verify_inputs`, the graph before
+    and after each pass is run on those inputs and the outputs must agree.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[GraphPass],
+        *,
+        refresh: Callable[[fx.GraphModule], None] | None = None,
+        dump_dir: str | Path | None = None,
+        verify_inputs: Sequence[Any] | None = None,
+        verify_context: Callable[[], Any] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.refresh = refresh
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.verify_inputs = verify_inputs
+        self.verify_context = verify_context
+
+    def __call__(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, list[PassRecord]]:
+        records: list[PassRecord] = []
+        self._dump(gm, 0, "captured")
+        for index, graph_pass in enumerate(self.passes, start=1):
+            before = _copy_graph_module(gm) if self.verify_inputs is not None else None
+            start = time.perf_counter()
+            try:
+                result = graph_pass(gm)
+                gm = result.graph_module
+                gm.graph.lint()
+                if result.modified and self.refresh is not None:
+                    self.refresh(gm)
+            except Exception as exc:
+                ran = [r.name for r in records] or ["none"]
+                raise PassError(f"pass {graph_pass.name!r} failed: {type(exc).__name__}: {exc} "
+                                f"(passes run before it: {', '.join(ran)})") from exc
+            seconds = time.perf_counter() - start
+            records.append(PassRecord(graph_pass.name, result.matches, result.modified, seconds))
+            logger.debug("pass %s: %d matches in %.3f s", graph_pass.name, result.matches, seconds)
+            self._dump(gm, index, graph_pass.name)
+            if before is not None and result.modified:
+                self._verify(graph_pass.name, before, gm)
+        return gm, records
+
+    def _dump(self, gm: fx.GraphModule, index: int, label: str) -> None:
+        if self.dump_dir is None:
+            return
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        code = gm.print_readable(print_output=False)
+        (self.dump_dir / f"{index:03d}_{label}.py").write_text(code)
+
+    def _verify(self, name: str, before: fx.GraphModule, after: fx.GraphModule) -> None:
+        assert self.verify_inputs is not None
+        with torch.no_grad(), _maybe(self.verify_context):
+            expected = tree_flatten(before(*self.verify_inputs))[0]
+        with torch.no_grad(), _maybe(self.verify_context):
+            actual = tree_flatten(after(*self.verify_inputs))[0]
+        if len(expected) != len(actual):
+            raise PassVerificationError(f"pass {name!r} changed the number of outputs from "
+                                        f"{len(expected)} to {len(actual)}")
+        for position, (ref, out) in enumerate(zip(expected, actual)):
+            problem = _difference(ref, out)
+            if problem is not None:
+                raise PassVerificationError(f"pass {name!r} changed the result: output {position} "
+                                            f"{problem}")
+        logger.debug("pass %s verified on %d outputs", name, len(expected))
+
+
+def _difference(ref: Any, out: Any) -> str | None:
+    """How `out` differs from `ref` beyond rounding, or None when they agree."""
+    if not isinstance(ref, torch.Tensor):
+        return None if ref == out else f"was {ref!r}, became {out!r}"
+    if not isinstance(out, torch.Tensor) or ref.shape != out.shape:
+        return f"had shape {tuple(ref.shape)}, became {getattr(out, 'shape', type(out).__name__)}"
+    if not ref.is_floating_point():
+        return None if torch.equal(ref, out) else "(integers) changed"
+    diff = (ref.double() - out.double()).abs()
+    diff[ref.isnan() & out.isnan()] = 0
+    if diff.numel() == 0:
+        return None
+    allowed = tolerance(ref) * (1 + ref.double().abs())
+    if bool(diff.isnan().any()) or bool((diff > allowed).any()):
+        return f"differs by up to {float(diff.nan_to_num(float('inf')).max()):.3g} (tolerance {tolerance(ref):.1g})"
+    return None
+
+
+def tolerance(reference: torch.Tensor) -> float:
+    """Agreement expected between two orders of the same float arithmetic."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
+            torch.bfloat16: 3e-2}.get(reference.dtype, 1e-4)
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of the graph, sharing the (unchanged) parameters."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph, type(gm).__name__)
+
+
+class _maybe:
+    """Enter `factory()` when a factory is given."""
+
+    def __init__(self, factory: Callable[[], Any] | None) -> None:
+        self._context = factory() if factory is not None else None
+
+    def __enter__(self) -> None:
+        if self._context is not None:
+            self._context.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc)

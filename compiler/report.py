@@ -1,0 +1,129 @@
+"""CompileReport: what compilation did, in numbers a user can check."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from compiler.pass_manager import PassRecord
+from passes.fx_utils import constant_tensor, is_getitem, is_view_like, tensor_meta
+
+
+@dataclass
+class CompileReport:
+    """Per-pass matches and time; FLOPs and weight bytes before and after; runtime figures.
+
+    `pieces`, `captured_sizes`, `capture_seconds` and `graph_memory_bytes` come from the
+    runtime; they stay 0/empty when the model runs without it.
+    """
+
+    frontend: str = ""
+    device: str = ""
+    passes: dict[str, PassRecord] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)
+    flops_before: int = 0
+    flops_after: int = 0
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    pieces: int = 0
+    captured_sizes: tuple[int, ...] = ()
+    capture_seconds: float = 0.0
+    graph_memory_bytes: int = 0
+    compile_seconds: float = 0.0
+
+    def add_passes(self, records: Sequence[PassRecord]) -> None:
+        for record in records:
+            key, suffix = record.name, 2
+            while key in self.passes:  # a pass that runs twice is listed twice
+                key, suffix = f"{record.name}#{suffix}", suffix + 1
+            self.passes[key] = record
+
+    def __str__(self) -> str:
+        rows = [("pass", "matches", "modified", "seconds")]
+        rows += [(name, str(r.matches), "yes" if r.modified else "no", f"{r.seconds:.4f}")
+                 for name, r in self.passes.items()]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = [f"fxkiln compile report ({self.frontend}, {self.device}, "
+                 f"{self.compile_seconds:.2f} s)"]
+        for i, row in enumerate(rows):
+            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+            if i == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        lines.append(f"  FLOPs          {self.flops_before:>14,} -> {self.flops_after:,}"
+                     f" ({_change(self.flops_before, self.flops_after)})")
+        lines.append(f"  weight bytes   {self.weight_bytes_before:>14,} -> "
+                     f"{self.weight_bytes_after:,} "
+                     f"({_change(self.weight_bytes_before, self.weight_bytes_after)})")
+        kernels = ", ".join(f"{op}={impl}" for op, impl in sorted(self.kernels.items())) or "none"
+        lines.append(f"  kernels        {kernels}")
+        sizes = ", ".join(map(str, self.captured_sizes)) or "none"
+        lines.append(f"  pieces         {self.pieces}; captured sizes: {sizes}; "
+                     f"capture {self.capture_seconds:.2f} s, "
+                     f"{self.graph_memory_bytes / 2**20:.1f} MiB graph memory")
+        return "\n".join(lines)
+
+
+def _change(before: int, after: int) -> str:
+    if before == 0:
+        return "n/a"
+    return f"{100.0 * (after - before) / before:+.1f}%"
+
+
+def count_flops(run: Any, inputs: Sequence[Any]) -> int:
+    """FLOPs of one call, counted by torch.utils.flop_counter (matmuls, convs, attention)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        run(*inputs)
+    return int(counter.get_total_flops())
+
+
+def weight_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of compile-time constant tensors the graph's compute ops read, per call.
+
+    Each op that reads a weight counts it (a weight read by two GEMMs counts twice). An op that
+    reads a view of a weight (a row slice, say) counts the view's bytes, so narrowing a
+    projection to the rows it uses lowers this number.
+    """
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if is_view_like(node) or is_getitem(node) or _is_slicing(node):
+            continue
+        for arg in node.all_input_nodes:
+            if not _derives_from_constant(gm, arg):
+                continue
+            value = tensor_meta(arg)
+            if value is None:
+                value = constant_tensor(gm, arg)
+            if value is not None:
+                total += _numel(value) * value.element_size()
+    return total
+
+
+def _is_slicing(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.narrow, torch.split,
+                                                          torch.chunk, torch.Tensor.split)
+
+
+def _derives_from_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    while True:
+        if constant_tensor(gm, node) is not None:
+            return True
+        if not (is_view_like(node) or is_getitem(node) or _is_slicing(node)):
+            return False
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
+            return False
+        node = source
+
+
+def _numel(value: torch.Tensor) -> int:
+    try:
+        return int(value.numel())
+    except Exception:  # noqa: BLE001  (a symbolic size: weights never have one)
+        return 0
