@@ -138,6 +138,29 @@ def measure_ops(device: torch.device, dtype: torch.dtype, hidden: int,
             "launch_constants": list(constants), "median_ns": timings}
 
 
+def _dispatch_op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+    return {op: count_targets(gm, {t for t, name in MATCHED_TARGETS.items() if name == op})
+            for op in sorted(set(MATCHED_TARGETS.values()))}
+
+
+def project_llama_counts() -> tuple[dict[str, int] | None, str]:
+    """Dispatch ops in the traced graph of the project's Llama with Llama-3.2-1B's 16 layers.
+
+    Widths are small (they do not change the op count); None when models.llama is absent.
+    """
+    try:
+        import transformers
+
+        from models.llama import LlamaForCausalLM
+    except ImportError as missing:
+        return None, f"models.llama unavailable ({missing})"
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, num_hidden_layers=LLAMA_3_2_1B_LAYERS, max_position_embeddings=64)
+    gm = torch.fx.symbolic_trace(LlamaForCausalLM(config))
+    return _dispatch_op_counts(gm), "models.llama.LlamaForCausalLM, symbolic_trace"
+
+
 def measure_llama(device: torch.device, dtype: torch.dtype, repeats: int,
                   number: int) -> dict[str, Any]:
     torch.manual_seed(0)
@@ -146,19 +169,25 @@ def measure_llama(device: torch.device, dtype: torch.dtype, repeats: int,
     inputs = tuple(t.to(device) for t in model.example_inputs(1))  # one decode token
     with torch.inference_mode():
         eager = trace(model, *inputs)
-        counts = {op: count_targets(eager, {t for t, name in MATCHED_TARGETS.items() if name == op})
-                  for op in sorted(set(MATCHED_TARGETS.values()))}
+        counts = _dispatch_op_counts(eager)
         compiled = trace(model, *inputs)
         choose_kernels(compiled, {}, device.type)
         forward_ns = per_call_ns({"eager": (lambda: eager(*inputs), 1),
                                   "compiled": (lambda: compiled(*inputs), 1)},
                                  device, repeats, number)
+    project_counts, project_source = project_llama_counts()
+    if project_counts is not None and project_counts != counts:
+        raise RuntimeError(f"the timed Llama-shaped graph has dispatch ops {counts}, the project "
+                           f"Llama {project_counts}: make them agree before comparing")
     return {"layers": LLAMA_3_2_1B_LAYERS, "dispatch_ops": counts,
             "dispatch_ops_total": sum(counts.values()), "forward_ns": forward_ns,
             "counted": "call_function nodes targeting torch.ops.fxkiln.* in the symbolic_trace "
-                       "graph of a Llama-shaped model with Llama-3.2-1B's 16 layers "
-                       "(vLLM's pattern: first layer rms_norm + fused_add, later layers "
-                       "2 fused_add, one rotary and one silu_and_mul per layer, final fused_add)"}
+                       "graph with Llama-3.2-1B's 16 layers (vLLM's pattern: first layer "
+                       "rms_norm + fused_add, later layers 2 fused_add, one rotary and one "
+                       "silu_and_mul per layer, final fused_add)",
+            "counted_on": {"timed": "tests.kernels.helpers.LlamaShaped (hidden 64)",
+                           "cross_checked": project_source,
+                           "project_llama_dispatch_ops": project_counts}}
 
 
 def _device_name(device: torch.device) -> str:

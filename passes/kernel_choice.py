@@ -58,7 +58,7 @@ class KernelChoicePass(GraphPass):
             if op is None:
                 continue
             impl = self._choose(node, op)
-            args = _positional_args(node)
+            args = _positional_args(node, op)
             constants = _launch_constants(gm, node, impl, args)
             with gm.graph.inserting_before(node):
                 call = gm.graph.call_function(impl.fn, (*args, *constants))
@@ -100,10 +100,9 @@ class KernelChoicePass(GraphPass):
                              f"at node {node.format_node()})") from None
 
 
-def _positional_args(node: fx.Node) -> tuple[Any, ...]:
+def _positional_args(node: fx.Node, op: str) -> tuple[Any, ...]:
     """The node's arguments in schema order, keyword arguments and defaults filled in."""
-    target = node.target
-    overload = target if isinstance(target, torch._ops.OpOverload) else target.default  # type: ignore[union-attr]  # matched targets are fxkiln ops
+    overload = getattr(torch.ops.fxkiln, op).default
     args = list(node.args)
     for argument in overload._schema.arguments[len(args):]:
         if argument.name in node.kwargs:
