@@ -72,29 +72,29 @@ class CUDARunner(ModelRunnerBase):
 
     @contextmanager
     def _capture_session(self) -> Iterator[None]:
+        """All warm-ups, eager pieces and captures run on one side stream (capture cannot use
+        the default stream; one stream keeps the caching allocator free of cross-stream use)."""
         with torch.cuda.device(self.device):
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
                 self._stream = torch.cuda.Stream(self.device)
-            torch.cuda.synchronize(self.device)
-            yield
+            caller = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(caller)
+            with torch.cuda.stream(self._stream):
+                yield
+            caller.wait_stream(self._stream)
             torch.cuda.synchronize(self.device)
 
     def capture_graph(self, piece: Piece, args: Sequence[Any], run: Callable[..., Any],
                       is_last: bool) -> tuple[CapturedGraph, Any]:
-        assert self._stream is not None, "capture_graph runs inside _capture_session"
         graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
-            graph.capture_begin(pool=self._pool)
-            try:
-                outputs = run(*args)
-            except BaseException:
-                _end_failed_capture(graph)
-                raise
-            graph.capture_end()
-        current.wait_stream(self._stream)
+        graph.capture_begin(pool=self._pool)
+        try:
+            outputs = run(*args)
+        except BaseException:
+            _end_failed_capture(graph)
+            raise
+        graph.capture_end()
         graph.replay()
         kept = outputs if is_last else pytree.tree_map(weak_ref_tensor, outputs)
         return CUDAPieceGraph(graph, kept), outputs

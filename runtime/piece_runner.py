@@ -108,7 +108,8 @@ class PieceRunner(torch.nn.Module):
         self._host = host
         self._state = state
         self._producers = producers
-        self._arg_names = tuple(n.name for n in piece.graph_module.graph.find_nodes(op="placeholder"))
+        self._placeholders = tuple(piece.graph_module.graph.find_nodes(op="placeholder"))
+        self._arg_names = tuple(n.name for n in self._placeholders)
 
     def __call__(self, *args: Any) -> Any:  # skips nn.Module's hook machinery on the hot path
         state = self._state
@@ -168,7 +169,7 @@ class PieceRunner(torch.nn.Module):
         return self.graph_module(*args)
 
     def _placeholder(self, index: int) -> fx.Node:
-        return list(self.graph_module.graph.find_nodes(op="placeholder"))[index]
+        return self._placeholders[index]
 
     def _check_static_args(self, entry: GraphEntry, args: tuple[Any, ...]) -> None:
         for index, address in entry.addresses:

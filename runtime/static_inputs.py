@@ -76,10 +76,11 @@ class StaticInputs:
         for index, buffer in self.buffers.items():
             value = inputs[index]
             if value.shape[1:] != buffer.shape[1:] or value.dtype != buffer.dtype:
+                trailing = ", ".join(map(str, buffer.shape[1:]))
                 raise ValueError(
-                    f"input {index}: expected shape (tokens, {', '.join(map(str, buffer.shape[1:]))})"
-                    f" and dtype {buffer.dtype} as in the example inputs, found "
-                    f"{tuple(value.shape)} and {value.dtype}")
+                    f"input {index}: expected shape (tokens, {trailing}) and dtype "
+                    f"{buffer.dtype} as in the example inputs, found {tuple(value.shape)} and "
+                    f"{value.dtype}")
             buffer[:num_tokens].copy_(value)
             if num_tokens < bucket:
                 fill_padding(buffer[num_tokens:bucket])

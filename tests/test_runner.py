@@ -44,18 +44,22 @@ def _simulated(gm: fx.GraphModule, example: list[Any], token_inputs: tuple[int, 
 class Model:
     """A graph, its simulated runner and a way to make inputs for n tokens."""
 
-    def __init__(self, gm: fx.GraphModule, make_inputs: Any, token_inputs: tuple[int, ...]):
+    def __init__(self, gm: fx.GraphModule, make_inputs: Any, token_inputs: tuple[int, ...],
+                 debug: bool) -> None:
         self.gm = gm
         self.make_inputs = make_inputs
-        self.runner = _simulated(gm, make_inputs(3), token_inputs)
+        self.runner = _simulated(gm, make_inputs(3), token_inputs, debug=debug)
 
 
 @pytest.fixture(scope="module")
 def models() -> tuple[Model, Model]:
+    """The stack runs in debug mode (every replay checks addresses and scalars, such as the
+    token count `n` replaced by the bucket); the block runs as in production."""
     weights = make_weights()
-    stack = Model(attention_stack_graph(), lambda n: [torch.randn(n, HIDDEN), n], (0,))
+    stack = Model(attention_stack_graph(), lambda n: [torch.randn(n, HIDDEN), n], (0,),
+                  debug=True)
     block = Model(placeholder_weights_graph(),
-                  lambda n: placeholder_weights_inputs(n, weights), (0, 1))
+                  lambda n: placeholder_weights_inputs(n, weights), (0, 1), debug=False)
     return stack, block
 
 

@@ -42,7 +42,8 @@ def test_golden_attention_stack_alternates_captured_and_eager_pieces() -> None:
         ("submod_0", False), ("submod_1", True), ("submod_2", False), ("submod_3", True),
         ("submod_4", False)]
     assert _top_level_calls(split.split_module) == [p.name for p in split.pieces]
-    assert _targets(split.piece("submod_1").graph_module) == [torch.ops.fxkiln_test.causal_attention.default]
+    attention_op = torch.ops.fxkiln_test.causal_attention.default
+    assert _targets(split.piece("submod_1").graph_module) == [attention_op]
     assert _targets(split.piece("submod_3").graph_module) == [F.scaled_dot_product_attention]
     assert split.piece("submod_1").captured is False and split.piece("submod_0").captured
     # The output buffer is allocated in the piece before the attention op and read after it.
