@@ -5,7 +5,9 @@ and the buckets (`capture_sizes`). A call with n tokens picks the smallest bucke
 copies the token inputs into the first n rows of the static buffers (rows n.. are padding), runs
 the pieces (captured pieces replay their graph for that bucket) and slices the token dimension
 of the outputs back to n. More tokens than the largest bucket: the pieces run eagerly on the
-inputs as given, with one warning per runner.
+inputs as given, with one warning per runner. So does a call whose non-token, non-parameter tensor
+inputs differ in shape from the example inputs (an encoder-decoder prefill step when the graphs
+were captured for decode steps).
 
 Device subclasses supply `capture_graph()`, `_cache_device_properties()` and
 `memory_profiler()`. Graph use is off in the base class (`uses_graphs = False`), which is the
@@ -199,6 +201,9 @@ class ModelRunnerBase:
                 self._warned_eager = True
                 logger.warning("%d tokens is more than the largest captured size %d; running "
                                "eagerly (warned once)", num_tokens, self.capture_sizes[-1])
+            return self._run(Mode.EAGER, 0, inputs)
+        if not self._inputs.shapes_match(inputs):
+            logger.debug("non-token inputs differ in shape from the example inputs; eager step")
             return self._run(Mode.EAGER, 0, inputs)
         bucket = self.capture_sizes[index]
         with torch.no_grad():

@@ -34,6 +34,12 @@ class StaticInputs:
                              "dimension when capture_sizes is not empty, found none")
         self._is_token = frozenset(self.token_indices)
         self.buffers: dict[int, torch.Tensor] = {}
+        # Non-token inputs other than parameters whose shape a graph fixes (e.g. the encoder
+        # inputs of an encoder-decoder step): a call with other shapes cannot replay.
+        self._fixed_shapes = tuple(
+            (i, x.shape) for i, x in enumerate(self.example_inputs)
+            if isinstance(x, torch.Tensor) and i not in self._is_token
+            and not isinstance(x, torch.nn.Parameter))
         if not max_tokens:
             self.token_int_indices: frozenset[int] = frozenset()
             return
@@ -59,6 +65,10 @@ class StaticInputs:
             raise ValueError(f"token inputs: expected the same token count (dim 0) in every "
                              f"token input, found shapes {found}")
         return counts.pop()
+
+    def shapes_match(self, inputs: Sequence[Any]) -> bool:
+        """Whether the non-token inputs have the shapes they had at capture."""
+        return all(inputs[i].shape == shape for i, shape in self._fixed_shapes)
 
     def capture_args(self, bucket: int) -> list[Any]:
         """Arguments for warm-up and capture at `bucket`: the example inputs, staged."""

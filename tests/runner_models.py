@@ -91,3 +91,14 @@ def make_weights(device: torch.device | str = "cpu", vocab: int = 16) -> tuple[t
     generator = torch.Generator().manual_seed(1)
     return tuple(torch.randn(*shape, generator=generator).to(device)
                  for shape in ((vocab, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN)))
+
+
+class CompiledLike:
+    """What `runtime.generate` sees of a compiled model: a callable holding the model as .model."""
+
+    def __init__(self, model: torch.nn.Module, runner: object) -> None:
+        self.model = model
+        self.runner = runner
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.runner(*inputs)  # type: ignore[operator]  (a ModelRunnerBase)

@@ -14,10 +14,15 @@ from torch import fx
 from runtime.cuda_runner import weak_ref_tensor
 from runtime.memory import DeviceMemoryProfiler
 from runtime.piece_runner import PieceCaptureError, StaticInputError
-from runtime.replay_simulator import HostSyncGuard, ReplaySimulatorRunner
+from runtime.replay_simulator import HostSyncGuard, ReplaySimulatorRunner, SimulatedGraph
+from models import from_hf
+from runtime import generate
 from runtime.runner import CPURunner, ModelRunnerBase, make_runner
-from tests.runner_models import (HIDDEN, SPLITTING_OPS, attention_stack_graph, causal_attention,
-                                 make_weights, placeholder_weights_graph,
+from runtime.split import DEFAULT_SPLITTING_OPS
+from runtime.step_context import decode_step_context
+from tests.model_oracle import build_hf, decoder_prompt, random_ids, step_logits
+from tests.runner_models import (HIDDEN, SPLITTING_OPS, CompiledLike, attention_stack_graph,
+                                 causal_attention, make_weights, placeholder_weights_graph,
                                  placeholder_weights_inputs)
 
 
@@ -335,3 +340,65 @@ def test_memory_profiler_sees_a_kept_allocation() -> None:
         kept = torch.ones(size, dtype=torch.uint8)
     assert profiler.consumed_bytes >= size // 2
     assert kept.numel() == size
+
+
+def _project_runner(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
+                    encoder_len: int | None = None) -> ModelRunnerBase:
+    return make_runner(fx.symbolic_trace(model), example, device="cpu", capture_sizes=SIZES,
+                       splitting_ops=DEFAULT_SPLITTING_OPS, token_input_indices=(0, 1),
+                       simulate=True, debug=True,
+                       step_context=decode_step_context(model, LARGEST, "cpu", encoder_len))
+
+
+@pytest.fixture
+def replays(monkeypatch: pytest.MonkeyPatch) -> list[SimulatedGraph]:
+    """Every simulated graph replay, in order."""
+    seen: list[SimulatedGraph] = []
+    replay = SimulatedGraph.replay
+
+    def counting(graph: SimulatedGraph) -> None:
+        seen.append(graph)
+        replay(graph)
+
+    monkeypatch.setattr(SimulatedGraph, "replay", counting)
+    return seen
+
+
+@pytest.mark.parametrize("batch", [3, 5, LARGEST + 1])
+def test_llama_decode_steps_through_simulated_graphs_equal_eager(
+        batch: int, replays: list[SimulatedGraph]) -> None:
+    """Prefill (batch * 4 tokens) runs eagerly; decode steps of `batch` tokens replay, padded
+    to a bucket (the attention op computes only the real rows), or run eagerly past it."""
+    model = from_hf(build_hf("llama", seed=1))
+    runner = _project_runner(model, model.example_inputs(3))
+    assert sum(p.is_splitting for p in runner.split.pieces) == model.config.num_hidden_layers
+    compiled = CompiledLike(model, runner)
+    prompt = random_ids((batch, 4), model.config.vocab_size, seed=2)
+    continuation = random_ids((batch, 5), model.config.vocab_size, seed=3)
+    torch.testing.assert_close(step_logits(compiled, prompt, continuation),
+                               step_logits(model, prompt, continuation))
+    captured_pieces = sum(p.captured for p in runner.split.pieces)
+    decode_steps = continuation.shape[1] if batch <= LARGEST else 0
+    assert len(replays) == captured_pieces * decode_steps
+    assert torch.equal(generate(compiled, prompt, 4), generate(model, prompt, 4))
+
+
+def test_bart_decode_steps_through_simulated_graphs_equal_eager(
+        replays: list[SimulatedGraph]) -> None:
+    """Captured for decode steps (no encoder tokens); the prefill step, which carries encoder
+    tokens, has other non-token input shapes and runs eagerly."""
+    hf = build_hf("bart", seed=4)
+    model = from_hf(hf)
+    empty = torch.empty(0, dtype=torch.long)
+    ids, positions = model.example_inputs(3)[:2]
+    runner = _project_runner(model, (ids, positions, empty, empty), encoder_len=6)
+    compiled = CompiledLike(model, runner)
+    encoder_ids = random_ids((3, 6), hf.config.vocab_size, seed=5)
+    continuation = random_ids((3, 5), hf.config.vocab_size, seed=6)
+    prompt = decoder_prompt(hf, 3)
+    torch.testing.assert_close(step_logits(compiled, prompt, continuation, encoder_ids),
+                               step_logits(model, prompt, continuation, encoder_ids))
+    captured_pieces = sum(p.captured for p in runner.split.pieces)
+    assert len(replays) == captured_pieces * continuation.shape[1]  # decode steps only
+    assert torch.equal(generate(compiled, None, 4, encoder_input_ids=encoder_ids),
+                       generate(model, None, 4, encoder_input_ids=encoder_ids))
