@@ -203,7 +203,7 @@ def install_piece_runners(split: SplitGraph, host: GraphHost,
     runners: dict[str, PieceRunner] = {}
     for position, piece in enumerate(split.pieces):
         call = calls[piece.name]
-        producers = tuple(runners.get(name) if (name := _producer_name(arg)) else None
+        producers = tuple(runners[name] if (name := _producer_name(arg)) else None
                           for arg in call.args)
         runners[piece.name] = PieceRunner(piece, host, state, producers,
                                           is_last=position == len(split.pieces) - 1)

@@ -13,6 +13,8 @@ Device subclasses supply `capture_graph()`, `_cache_device_properties()` and
 `memory_profiler()`. Graph use is off in the base class (`uses_graphs = False`), which is the
 plain CPU runner: it runs the split module directly, without buckets.
 
+Which outputs carry the token dimension is learned at capture: those whose dim 0 equals the
+bucket at every captured size (with a single size, any output of that length counts).
 Outputs of a replayed forward are returned as clones (sliced to the real tokens): graph output
 memory is rewritten by the next replay of any bucket, so nothing a caller holds aliases it.
 Non-token inputs are static: a graph reads the tensors it was captured with, so pass the same
@@ -147,8 +149,8 @@ class ModelRunnerBase:
     # -- capture --------------------------------------------------------------------------
     def capture(self) -> RunnerStats:
         """Warm up and capture every bucket, largest first; fills and returns `stats`."""
-        if not self.capture_sizes:
-            return self.stats
+        if not self.capture_sizes or self.stats.captured_sizes:
+            return self.stats  # nothing to capture, or captured already
         start = time.perf_counter()
         leading_dims: dict[int, list[int | None]] = {}
         profiler = self.memory_profiler()
