@@ -21,6 +21,9 @@ from compiler.config import CompileConfig
 from compiler.pass_manager import PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
+from runtime.runner import ModelRunnerBase, make_runner
+from runtime.split import DEFAULT_SPLITTING_OPS
+from runtime.step_context import CaptureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +89,36 @@ def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[An
     example_context = getattr(model, "example_context", None)
     run_context = (lambda: example_context(*inputs)) if callable(example_context) else None
     gm = optimize_graph(gm, inputs, config, refresh, report, run_context)
-    return CompiledModel(gm, report, config, gm, model)
+    if not config.capture_sizes:
+        return CompiledModel(gm, report, config, gm, model)
+    runner = build_runner(model, gm, inputs, config, device)
+    stats = runner.stats
+    report.pieces, report.captured_sizes = stats.pieces, stats.captured_sizes
+    report.capture_seconds, report.graph_memory_bytes = stats.capture_seconds, stats.graph_memory_bytes
+    return CompiledModel(runner, report, config, gm, model)
+
+
+def build_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+                 config: CompileConfig, device: torch.device) -> ModelRunnerBase:
+    """Split `gm` at the splitting ops and capture its pieces per token-count bucket.
+
+    Models that say how to capture them (`capture_spec`, fxkiln's own) are captured for their
+    decode steps; any other model for calls shaped like its example inputs, dim 0 of every
+    tensor input being the token dimension.
+    """
+    describe = getattr(model, "capture_spec", None)
+    if callable(describe):
+        spec = describe(max(config.capture_sizes))
+    else:
+        token_inputs = tuple(i for i, value in enumerate(inputs)
+                             if isinstance(value, torch.Tensor) and value.dim() > 0)
+        spec = CaptureSpec(inputs, token_input_indices=token_inputs)
+    splitting_ops = DEFAULT_SPLITTING_OPS if config.splitting_ops is None else config.splitting_ops
+    return make_runner(gm, spec.example_inputs, device=device, capture_sizes=config.capture_sizes,
+                       splitting_ops=splitting_ops, token_input_indices=spec.token_input_indices,
+                       warmup_runs=config.capture_warmup_runs, debug=config.debug,
+                       capture_failure=config.capture_failure, simulate=config.simulate_capture,
+                       step_context=spec.step_context)
 
 
 def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],

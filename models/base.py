@@ -12,6 +12,7 @@ from models.layers.attention import collect_attention_specs
 from runtime.forward_context import set_forward_context
 from runtime.generation import uniform_batch_metadata
 from runtime.kv_cache import AttentionSpec, allocate_kv_caches
+from runtime.step_context import CaptureSpec, decode_step_context
 
 
 class ProjectModel(nn.Module):
@@ -60,6 +61,22 @@ class ProjectModel(nn.Module):
         metadata = uniform_batch_metadata(1, num_tokens, num_tokens, num_tokens, self.device,
                                           encoder_len, encoder_len or 0)
         return set_forward_context(metadata, caches)
+
+
+    def capture_spec(self, max_tokens: int) -> CaptureSpec:
+        """What the graph runner captures: decode steps (one new token per sequence).
+
+        Token ids and positions carry the token dimension. Encoder-decoder models capture with
+        no encoder tokens (the encoder runs once, eagerly, at prefill).
+        """
+        ids, positions = self.example_inputs(max_tokens)[:2]
+        inputs: tuple[torch.Tensor, ...] = (ids, positions)
+        encoder_len = None
+        if self.is_encoder_decoder:
+            no_tokens = ids.new_empty((0,))
+            inputs, encoder_len = (ids, positions, no_tokens, no_tokens), 1
+        context = decode_step_context(self, max_tokens, self.device, encoder_len)
+        return CaptureSpec(inputs, token_input_indices=(0, 1), step_context=context)
 
 
 def require_config(config: Any, key: str, supported: tuple[Any, ...]) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,3 +48,13 @@ def decode_step_context(model: Any, max_tokens: int, device: torch.device | str,
         return set_forward_context(metadata, caches)
 
     return step_context
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """How a runner should capture a model: example inputs shaped like the steps to replay,
+    which of them carry the token dimension, and the forward context for warm-up and capture."""
+
+    example_inputs: tuple[Any, ...]
+    token_input_indices: tuple[int, ...]
+    step_context: Callable[[int], AbstractContextManager[Any]] | None = None
