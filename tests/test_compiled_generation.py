@@ -75,3 +75,21 @@ def test_no_capture_sizes_means_no_runner() -> None:
     assert compiled.report.pieces == 0 and compiled.report.captured_sizes == ()
     prompt = random_ids((2, 3), model.config.vocab_size, seed=17)
     assert torch.equal(generate(compiled, prompt, 3), generate(model, prompt, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_compiled_models_on_cuda_graphs_generate_eagers_tokens(kind: str) -> None:
+    hf = build_hf(kind, seed=21).cuda()
+    model = from_hf(hf)
+    compiled = compile_model(model, config=CompileConfig(device="cuda", capture_sizes=(1, 2, 4, 8)))
+    assert compiled.report.captured_sizes == (1, 2, 4, 8)
+    assert compiled.report.graph_memory_bytes >= 0 and compiled.report.capture_seconds > 0
+    for batch in (3, 5, 9):
+        ids = random_ids((batch, 6), hf.config.vocab_size, seed=batch).cuda()
+        if kind == "llama":
+            expected, actual = generate(model, ids, 5), generate(compiled, ids, 5)
+        else:
+            expected = generate(model, None, 5, encoder_input_ids=ids)
+            actual = generate(compiled, None, 5, encoder_input_ids=ids)
+        assert torch.equal(actual, expected), batch
