@@ -16,7 +16,8 @@ only on steps that carry encoder tokens (`num_actual_encoder_tokens > 0`); on de
 have no real rows and the op reads the cached K/V. Rows past the step's real tokens (padding
 added by a runner) are neither computed nor cached; the op writes zeros there.
 
-There is one implementation, `native_attention` (torch SDPA, one call per sequence). Faster
+There is one implementation, `native_attention` (torch SDPA: one call for a decode step's whole
+batch, one call per sequence otherwise). Faster
 kernels plug in later as further implementations of the same op.
 """
 from __future__ import annotations
@@ -77,10 +78,34 @@ def native_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         _write_cache(cache, key, value, meta.encoder_slot_mapping)
         tables, context_lens = meta.encoder_slot_tables, meta.encoder_seq_lens
     causal = spec.kind is AttentionKind.DECODER
+    if num_queries == len(context_lens) and num_queries > 0:  # decode: one query per sequence
+        _attend_decode(q, cache, tables, context_lens, output[:num_queries], spec.scale)
+        return
     for i, context_len in enumerate(context_lens):
         rows = slice(starts[i], starts[i + 1])
         slots = tables[i, :context_len]
         _attend(q[rows], cache.key[slots], cache.value[slots], output[rows], spec.scale, causal)
+
+
+def _attend_decode(q: torch.Tensor, cache: LayerKVCache, tables: torch.Tensor,
+                   context_lens: tuple[int, ...], out: torch.Tensor, scale: float) -> None:
+    """All sequences at once when each brings one query (its newest position, so causality
+    is just the context length): one gather and one SDPA call, however large the batch."""
+    assert cache.key is not None and cache.value is not None
+    batch, longest = q.shape[0], max(context_lens)
+    slots = tables[:, :longest]                                     # (batch, longest)
+    k = cache.key[slots].transpose(1, 2)                            # (batch, kv_heads, longest, hd)
+    v = cache.value[slots].transpose(1, 2)
+    mask = None
+    if min(context_lens) != longest:  # ragged contexts: hide each sequence's unused slots
+        lens = torch.tensor(context_lens, device=q.device)
+        mask = (torch.arange(longest, device=q.device) < lens[:, None])[:, None, None, :]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)                       # (batch, heads, longest, hd)
+        v = v.repeat_interleave(group, dim=1)
+    result = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale)
+    out.copy_(result.reshape(batch, -1))                            # (batch, heads * hd)
 
 
 def _write_cache(cache: LayerKVCache, key: torch.Tensor, value: torch.Tensor,

@@ -85,6 +85,15 @@ class CUDARunner(ModelRunnerBase):
             caller.wait_stream(self._stream)
             torch.cuda.synchronize(self.device)
 
+    @contextmanager
+    def refuse_host_sync(self) -> Iterator[None]:
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
     def capture_graph(self, piece: Piece, args: Sequence[Any], run: Callable[..., Any],
                       is_last: bool) -> tuple[CapturedGraph, Any]:
         graph = torch.cuda.CUDAGraph()

@@ -17,6 +17,7 @@ import enum
 import logging
 import operator
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +39,7 @@ class StaticInputError(RuntimeError):
 
 class Mode(enum.Enum):
     EAGER = "eager"
+    WARMUP = "warmup"    # eager, with host synchronization refused in pieces to be captured
     CAPTURE = "capture"
     REPLAY = "replay"
 
@@ -66,6 +68,8 @@ class GraphHost(Protocol):
 
     def capture_graph(self, piece: Piece, args: Sequence[Any], run: Callable[..., Any],
                       is_last: bool) -> tuple[CapturedGraph, Any]: ...
+
+    def refuse_host_sync(self) -> AbstractContextManager[Any]: ...
 
 
 @dataclass
@@ -119,7 +123,20 @@ class PieceRunner(torch.nn.Module):
                 return self._replay(entry, args)
         elif state.mode is Mode.CAPTURE and not self.capture_disabled:
             return self._capture(state.bucket, args)
+        elif state.mode is Mode.WARMUP and not self.capture_disabled:
+            return self._warm_up(state.bucket, args)
         return self.graph_module(*args)
+
+    def _warm_up(self, bucket: int, args: tuple[Any, ...]) -> Any:
+        """Run eagerly, refusing host synchronization: a piece that syncs cannot be captured,
+        and finding that out here, before any capture begins, leaves the device state clean
+        (an aborted stream capture can leave the allocator and the RNG mid-capture)."""
+        tracker = NodeTracker(self.graph_module)
+        try:
+            with self._host.refuse_host_sync():
+                return tracker(*args)
+        except Exception as error:  # noqa: BLE001  (any failure is reported with its node)
+            return self._capture_failed(bucket, args, tracker.node, error)
 
     def _replay(self, entry: GraphEntry, args: tuple[Any, ...]) -> Any:
         for index, buffer in entry.copy_into:

@@ -136,6 +136,10 @@ class ModelRunnerBase:
         raise NotImplementedError(f"{type(self).__name__} does not capture graphs "
                                   f"(uses_graphs is False)")
 
+    def refuse_host_sync(self) -> AbstractContextManager[Any]:
+        """A context in which a host synchronization raises (warm-up of pieces to capture)."""
+        return nullcontext()
+
     def _capture_session(self) -> AbstractContextManager[Any]:
         """Device set-up around all captures (CUDA: the shared memory pool and stream)."""
         return nullcontext()
@@ -174,7 +178,7 @@ class ModelRunnerBase:
         args = self._inputs.capture_args(bucket)
         with self._step(bucket):
             for _ in range(self.warmup_runs):
-                self._run(Mode.EAGER, bucket, args)
+                self._run(Mode.WARMUP, bucket, args)
             outputs = self._run(Mode.CAPTURE, bucket, args)
         return [leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else None
                 for leaf in pytree.tree_leaves(outputs)]

@@ -96,8 +96,9 @@ class LlamaShaped(torch.nn.Module):
         return F.linear(hidden, self.embed)  # (tokens, vocab)
 
     def example_inputs(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randint(0, self.embed.shape[0], (num_tokens,)),
-                torch.arange(num_tokens))
+        device = self.embed.device
+        return (torch.randint(0, self.embed.shape[0], (num_tokens,), device=device),
+                torch.arange(num_tokens, device=device))
 
 
 def trace(module: torch.nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:

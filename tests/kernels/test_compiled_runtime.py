@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 from typing import Any
 
 import pytest
@@ -121,9 +122,11 @@ def test_llama_shaped_on_gpu_matches_eager_without_settings(
     dtype = torch.bfloat16
     model = LlamaShaped(hidden=256, layers=2, heads=8, kv_heads=2, head_size=32,
                         intermediate=512).to("cuda", dtype)
+    reference_model = copy.deepcopy(model).float()
     inputs = tuple(t.cuda() for t in model.example_inputs(17))
     with torch.inference_mode(), kernel_settings({op: "native" for op in MATCHED_TARGETS.values()}):
         expected = model(*inputs)
+        reference = reference_model(*inputs)  # fp32: what both bf16 runs approximate
     with torch.inference_mode():
         gm = _compile(model, inputs, kernels, device="cuda")
     assert chosen_kernels(gm)["rms_norm"] == "triton"  # explicit, or "auto" on CUDA
@@ -132,5 +135,10 @@ def test_llama_shaped_on_gpu_matches_eager_without_settings(
     monkeypatch.setattr(registry, "choose_kernel", _refuse)
     with torch.inference_mode():
         actual = gm(*inputs)
-    rtol, atol = GPU_TOLERANCES[dtype]
-    torch.testing.assert_close(actual, expected, rtol=4 * rtol, atol=4 * atol)
+
+    def error(value: torch.Tensor) -> float:
+        return float((value.float() - reference).norm() / reference.norm())
+
+    # Triton and native kernels round differently in bf16; through two layers neither may stray
+    # much further from the fp32 result than the other does.
+    assert error(actual) <= 2 * error(expected) + 2e-3, (error(actual), error(expected))
