@@ -1,6 +1,8 @@
 """The issue's "done when", through the public entry points: compile_model and the backend."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from passes.kernel_choice import MATCHED_TARGETS
 from runtime import registry, settings
 from runtime.kernels import triton_kernels
 from runtime.settings import kernel_settings
-from tests.kernels.helpers import GPU_TOLERANCES, LlamaShaped, count_targets
+from tests.kernels.helpers import LlamaShaped, assert_as_accurate, count_targets
 
 needs_interpreter = pytest.mark.skipif(
     not triton_kernels.interpreter_active(), reason="Triton kernels are not interpreted here")
@@ -22,7 +24,8 @@ def _refuse(*args: object, **kwargs: object) -> None:
 
 def _check_done(compiled: compiler.CompiledModel, model: torch.nn.Module,
                 inputs: tuple[torch.Tensor, ...], expected: torch.Tensor,
-                monkeypatch: pytest.MonkeyPatch, rtol: float, atol: float) -> None:
+                monkeypatch: pytest.MonkeyPatch, rtol: float = 0.0, atol: float = 0.0,
+                reference: torch.Tensor | None = None) -> None:
     assert compiled.report.kernels["rms_norm"] == "triton"
     assert "rms_norm=triton" in str(compiled.report)
     assert count_targets(compiled.graph_module, set(MATCHED_TARGETS)) == 0
@@ -33,7 +36,10 @@ def _check_done(compiled: compiler.CompiledModel, model: torch.nn.Module,
         with pytest.raises(AssertionError, match="read at run time"):
             model(*inputs)  # the patch is live: eager dispatch would read the settings
         actual = compiled(*inputs)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    if reference is not None:
+        assert_as_accurate(actual, expected, reference)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
 @needs_interpreter
@@ -78,7 +84,7 @@ def test_compile_model_with_triton_rms_norm_on_gpu(monkeypatch: pytest.MonkeyPat
     inputs = tuple(t.cuda() for t in model.example_inputs(9))
     with torch.inference_mode(), kernel_settings({op: "native" for op in MATCHED_TARGETS.values()}):
         expected = model(*inputs)
+        reference = copy.deepcopy(model).float()(*inputs)
     config = CompileConfig(kernels={"rms_norm": "triton"}, device="cuda")
     compiled = compile_model(model, config=config)
-    rtol, atol = GPU_TOLERANCES[dtype]
-    _check_done(compiled, model, inputs, expected, monkeypatch, rtol=4 * rtol, atol=4 * atol)
+    _check_done(compiled, model, inputs, expected, monkeypatch, reference=reference)
