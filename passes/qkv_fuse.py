@@ -41,8 +41,11 @@ class QkvFusePass(GraphPass):
     with the model.
 
     Before (the golden test's graph):
-        linear = torch._C._nn.linear(encoder_out, k_proj_weight)
+        k_proj_weight = self.k_proj.weight
+        linear = torch._C._nn.linear(encoder_out, k_proj_weight, None)
         view = linear.view(-1, 2, 4)
+        v_proj_weight = self.v_proj.weight
+        v_proj_bias = self.v_proj.bias
         linear_1 = torch._C._nn.linear(encoder_out, v_proj_weight, v_proj_bias)
         view_1 = linear_1.view(-1, 2, 4)
         add = view + view_1

@@ -87,6 +87,8 @@ class QkvSplitPass(GraphPass):
         getitem_4 = split_1[1]
         getitem_5 = split_1[2]
         view = getitem.view(-1, 2, 4)
+        view_1 = getitem_4.view(-1, 2, 4)
+        view_2 = getitem_5.view(-1, 2, 4)
     After:
         qkv_proj_weight_out_0_8 = self.qkv_proj_weight_out_0_8
         qkv_proj_bias_out_0_8 = self.qkv_proj_bias_out_0_8
@@ -98,6 +100,8 @@ class QkvSplitPass(GraphPass):
         getitem_6 = split_2[0]
         getitem_7 = split_2[1]
         view = linear_2.view(-1, 2, 4)
+        view_1 = getitem_6.view(-1, 2, 4)
+        view_2 = getitem_7.view(-1, 2, 4)
     """
 
     name = "qkv_split"
