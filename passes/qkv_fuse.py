@@ -152,7 +152,8 @@ def _fuse(gm: fx.GraphModule, group: list[Projection]) -> None:
         args: tuple[object, ...] = (first.input,
                                     graph.get_attr(add_constant(gm, name, weight, parameter=True)))
         if bias is not None:
-            bias_name = "bias".join(name.rsplit("weight", 1)) if "weight" in name else name + "_bias"
+            bias_name = ("bias".join(name.rsplit("weight", 1)) if "weight" in name
+                         else f"{name}_bias")
             args = (*args, graph.get_attr(add_constant(gm, bias_name, bias, parameter=True)))
         fused = graph.call_function(first.node.target, args)
         split = graph.call_method("split", (fused, sizes), {"dim": -1})

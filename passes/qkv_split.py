@@ -3,27 +3,28 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 from torch.fx.node import map_arg
 
 from passes.base import GraphPass, PassResult
+from passes.feature_reads import (
+    FeatureRead,
+    Range,
+    feature_read,
+    keeps_features,
+    resized_view_args,
+    shifted_index,
+)
 from passes.fx_utils import (
     Projection,
     add_constant,
     call_arg,
     constant_name,
-    is_call,
-    is_dim,
-    is_getitem,
-    is_view_like,
-    known_equal,
     live_nodes,
     projection_of,
-    tensor_meta,
 )
 
 logger = logging.getLogger(__name__)
@@ -31,30 +32,9 @@ logger = logging.getLogger(__name__)
 # What the pass matches: a projection (`fx_utils.projection_of`: linear, x @ W, x @ W.t()) whose
 # output reaches every reader through views that keep the feature (last) dimension whole, where
 # every reader takes parts of the feature dimension and some features are never read.
-FEATURE_READERS = {
-    "split": "x.split(size or sizes, dim=-1) / torch.split, then getitem(int)",
-    "chunk": "x.chunk(n, dim=-1) / torch.chunk, then getitem(int)",
-    "narrow": "x.narrow(-1, start, length) / torch.narrow",
-    "slice": "x[..., a:b] (a unit-step slice of the last dimension)",
-}
+# (the readers: feature_reads.FEATURE_READERS).
 # What it writes: one projection per maximal range of features read, over a zero-copy view of
 # those weight rows (and bias entries), with the views and readers replayed on it.
-
-Range = tuple[int, int]
-
-
-@dataclass
-class FeatureRead:
-    """One reader of the projection's output and the feature ranges of its parts."""
-
-    reader: fx.Node
-    views: tuple[fx.Node, ...]    # feature-preserving views between the projection and reader
-    kind: str                     # "split", "narrow" or "slice"
-    parts: list[Range]            # [start, stop) of each part, in features
-    used: dict[int, list[fx.Node]] = field(default_factory=dict)  # part -> nodes standing for it
-
-    def used_parts(self) -> list[tuple[int, Range]]:
-        return [(index, self.parts[index]) for index in sorted(self.used)]
 
 
 @dataclass
@@ -146,11 +126,11 @@ def _collect_reads(node: fx.Node, views: tuple[fx.Node, ...], features: int, liv
         if user not in live:
             owned.extend(_descendants(user))
             continue
-        if _keeps_features(user, node, features):
+        if keeps_features(user, node, features):
             if not _collect_reads(user, (*views, user), features, live, reads, owned):
                 return False
             continue
-        read = _feature_read(user, views, features, live)
+        read = feature_read(user, views, features, live)
         if read is None:
             return False
         reads.append(read)
@@ -169,101 +149,6 @@ def _descendants(node: fx.Node) -> list[fx.Node]:
             found[user] = None
             stack.extend(user.users)
     return list(found)
-
-
-def _keeps_features(view: fx.Node, source: fx.Node, features: int) -> bool:
-    if not is_view_like(view) or not view.args or view.args[0] is not source:
-        return False
-    out, inp = tensor_meta(view), tensor_meta(source)
-    if out is None or inp is None or out.dim() == 0 or not known_equal(out.shape[-1], features):
-        return False
-    return known_equal(inp.shape[-1], features) and _resized_view_args(view, source, 1) is not None
-
-
-def _resized_view_args(view: fx.Node, source: fx.Node, size: int) -> tuple[Any, ...] | None:
-    """`view`'s args with `source` in place of its input and `size` features, if expressible."""
-    if view.target in ("view", "reshape", torch.Tensor.view, torch.Tensor.reshape, torch.reshape):
-        shape = view.args[1:]
-        packed = len(shape) == 1 and isinstance(shape[0], (tuple, list))
-        dims = tuple(shape[0]) if packed else tuple(shape)
-        if not dims or isinstance(dims[-1], fx.Node) or not isinstance(dims[-1], int):
-            return None
-        dims = (*dims[:-1], dims[-1] if dims[-1] == -1 else size)
-        return (source, dims) if packed else (source, *dims)
-    return (source, *view.args[1:])  # flatten / contiguous: the last dimension is untouched
-
-
-def _feature_read(reader: fx.Node, views: tuple[fx.Node, ...], features: int,
-                  live: set[fx.Node]) -> FeatureRead | None:
-    """How `reader` reads the feature dimension, or None if it reads it whole or unknowably."""
-    value = tensor_meta(reader.args[0]) if reader.args else None
-    if value is None:
-        return None
-    last = value.dim() - 1
-    if is_call(reader, ("split", "chunk"), (torch.split, torch.Tensor.split, torch.chunk)):
-        if not is_dim(call_arg(reader, 2, ("dim",), 0), value.dim(), last):
-            return None
-        size = call_arg(reader, 1, ("split_size_or_sections", "split_size", "chunks", "sections"))
-        parts = _split_parts(size, features, chunk=reader.target in ("chunk", torch.chunk))
-        getitems = list(reader.users)
-        if parts is None or not all(is_getitem(g) and isinstance(g.args[1], int) for g in getitems):
-            return None
-        read = FeatureRead(reader, views, "split", parts)
-        for getitem in getitems:
-            if getitem in live:
-                read.used.setdefault(getitem.args[1] % len(parts), []).append(getitem)
-        return read
-    if is_call(reader, ("narrow",), (torch.narrow, torch.Tensor.narrow)):
-        dim, start, length = (call_arg(reader, i, (name,)) for i, name in
-                              ((1, "dim"), (2, "start"), (3, "length")))
-        if not is_dim(dim, value.dim(), last) or not _are_ints(start, length):
-            return None
-        start = start + features if start < 0 else start
-        return FeatureRead(reader, views, "narrow", [(start, start + length)], {0: [reader]})
-    if is_getitem(reader):
-        position = _last_dim_position(reader.args[1], value.dim())
-        item = _index_items(reader.args[1])[position] if position is not None else None
-        if not isinstance(item, slice) or item.step not in (None, 1) or \
-                not all(v is None or _are_ints(v) for v in (item.start, item.stop)):
-            return None
-        start, stop, _ = item.indices(features)
-        return FeatureRead(reader, views, "slice", [(start, max(start, stop))], {0: [reader]})
-    return None
-
-
-def _are_ints(*values: Any) -> bool:
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-
-
-def _split_parts(size: Any, features: int, chunk: bool) -> list[Range] | None:
-    if chunk:
-        if not _are_ints(size) or size < 1:
-            return None
-        size = -(-features // size)  # torch.chunk: parts of ceil(features / chunks)
-    if _are_ints(size):
-        if size < 1:
-            return None
-        sizes = [min(size, features - start) for start in range(0, features, size)]
-    elif isinstance(size, (list, tuple)) and _are_ints(*size) and sum(size) == features:
-        sizes = list(size)
-    else:
-        return None
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _index_items(index: Any) -> tuple[Any, ...]:
-    return index if isinstance(index, tuple) else (index,)
-
-
-def _last_dim_position(index: Any, ndim: int) -> int | None:
-    """Position in the index of the entry that indexes the last dimension, if there is one."""
-    items = _index_items(index)
-    if not all(isinstance(i, slice) or i is Ellipsis or _are_ints(i) for i in items):
-        return None  # None (new axes) or tensor indices move dimensions around
-    if items.count(Ellipsis) == 1:
-        return len(items) - 1 if items[-1] is not Ellipsis else None
-    return ndim - 1 if len(items) == ndim and Ellipsis not in items else None
 
 
 def _merge(ranges: list[Range]) -> list[Range]:
@@ -286,7 +171,7 @@ def _rewrite(gm: fx.GraphModule, match: SplitMatch) -> None:
         source = narrowed[span]
         for view in read.views:
             if (view, span) not in replayed:
-                args = _resized_view_args(view, source, span[1] - span[0])
+                args = resized_view_args(view, source, span[1] - span[0])
                 with graph.inserting_after(view):
                     replayed[view, span] = graph.create_node(view.op, view.target, args,
                                                              dict(view.kwargs))
@@ -352,36 +237,14 @@ def _replace_reader(graph: fx.Graph, read: FeatureRead, span: Range, base: fx.No
                 getitem.replace_all_uses_with(replacement)
         return
     ((start, stop),) = parts.values()
-    replacement = base
-    if (start, stop) != span:
-        with graph.inserting_after(reader):
-            if read.kind == "narrow":
-                dim = call_arg(reader, 1, ("dim",))
-                replacement = graph.create_node(reader.op, reader.target,
-                                                (base, dim, start - span[0], stop - start))
-            else:
-                replacement = graph.call_function(operator.getitem,
-                                                  (base, _shifted_index(reader, span, start, stop)))
-    elif read.kind == "slice" and not _only_full_slices(reader.args[1], skip_last=True):
-        with graph.inserting_after(reader):
-            replacement = graph.call_function(operator.getitem,
-                                              (base, _shifted_index(reader, span, start, stop)))
-    reader.replace_all_uses_with(replacement)
-
-
-def _shifted_index(reader: fx.Node, span: Range, start: int, stop: int) -> Any:
-    items = list(_index_items(reader.args[1]))
-    value = tensor_meta(reader.args[0])
-    assert value is not None
-    position = _last_dim_position(reader.args[1], value.dim())
-    assert position is not None
-    width = span[1] - span[0]
-    items[position] = slice(start - span[0] or None, None if stop - span[0] == width
-                            else stop - span[0])
-    return tuple(items) if isinstance(reader.args[1], tuple) else items[0]
-
-
-def _only_full_slices(index: Any, skip_last: bool) -> bool:
-    items = _index_items(index)
-    items = items[:-1] if skip_last else items
-    return all(i is Ellipsis or i == slice(None) for i in items)
+    replacement: fx.Node | None = None
+    with graph.inserting_after(reader):
+        if read.kind == "narrow" and (start, stop) != span:
+            dim = call_arg(reader, 1, ("dim",))
+            replacement = graph.create_node(reader.op, reader.target,
+                                            (base, dim, start - span[0], stop - start))
+        elif read.kind == "slice":
+            index = shifted_index(reader.args[1], span, start, stop)
+            if index is not None:
+                replacement = graph.call_function(operator.getitem, (base, index))
+    reader.replace_all_uses_with(replacement if replacement is not None else base)
