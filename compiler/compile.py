@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -20,6 +21,9 @@ from compiler.config import CompileConfig
 from compiler.pass_manager import PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
+from runtime.runner import ModelRunnerBase, make_runner
+from runtime.split import DEFAULT_SPLITTING_OPS
+from runtime.step_context import CaptureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +86,39 @@ def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[An
     refresh = symbolic_propagator(inputs)
     refresh(gm)
     report = CompileReport(frontend="symbolic_trace", device=str(device))
-    gm = optimize_graph(gm, inputs, config, refresh, report)
-    return CompiledModel(gm, report, config, gm, model)
+    example_context = getattr(model, "example_context", None)
+    run_context = (lambda: example_context(*inputs)) if callable(example_context) else None
+    gm = optimize_graph(gm, inputs, config, refresh, report, run_context)
+    if not config.capture_sizes:
+        return CompiledModel(gm, report, config, gm, model)
+    runner = build_runner(model, gm, inputs, config, device)
+    stats = runner.stats
+    report.pieces, report.captured_sizes = stats.pieces, stats.captured_sizes
+    report.capture_seconds, report.graph_memory_bytes = stats.capture_seconds, stats.graph_memory_bytes
+    return CompiledModel(runner, report, config, gm, model)
+
+
+def build_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+                 config: CompileConfig, device: torch.device) -> ModelRunnerBase:
+    """Split `gm` at the splitting ops and capture its pieces per token-count bucket.
+
+    Models that say how to capture them (`capture_spec`, fxkiln's own) are captured for their
+    decode steps; any other model for calls shaped like its example inputs, dim 0 of every
+    tensor input being the token dimension.
+    """
+    describe = getattr(model, "capture_spec", None)
+    if callable(describe):
+        spec = describe(max(config.capture_sizes))
+    else:
+        token_inputs = tuple(i for i, value in enumerate(inputs)
+                             if isinstance(value, torch.Tensor) and value.dim() > 0)
+        spec = CaptureSpec(inputs, token_input_indices=token_inputs)
+    splitting_ops = DEFAULT_SPLITTING_OPS if config.splitting_ops is None else config.splitting_ops
+    return make_runner(gm, spec.example_inputs, device=device, capture_sizes=config.capture_sizes,
+                       splitting_ops=splitting_ops, token_input_indices=spec.token_input_indices,
+                       warmup_runs=config.capture_warmup_runs, debug=config.debug,
+                       capture_failure=config.capture_failure, simulate=config.simulate_capture,
+                       step_context=spec.step_context)
 
 
 def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],
@@ -108,9 +143,17 @@ def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[
 
 
 def optimize_graph(gm: fx.GraphModule, inputs: Sequence[Any], config: CompileConfig,
-                   refresh: ShapePropagator, report: CompileReport) -> fx.GraphModule:
-    """Run the configured pipeline on `gm`, filling `report`'s pass, FLOP and weight figures."""
-    report.flops_before = count_flops(gm, inputs)
+                   refresh: ShapePropagator, report: CompileReport,
+                   run_context: Callable[[], AbstractContextManager[Any]] | None = None,
+                   ) -> fx.GraphModule:
+    """Run the configured pipeline on `gm`, filling `report`'s pass, FLOP and weight figures.
+
+    `run_context` makes the context the graph needs to run at compile time (a project
+    model's forward context for its attention ops); FLOP counts and verification use it.
+    """
+    context_factory = run_context if run_context is not None else nullcontext
+    with context_factory():
+        report.flops_before = count_flops(gm, inputs)
     report.weight_bytes_before = weight_bytes(gm)
     context = PassContext(device=config.resolved_device(), kernels=config.kernels)
     names = DEFAULT_PIPELINE if config.passes is None else config.passes
@@ -119,11 +162,13 @@ def optimize_graph(gm: fx.GraphModule, inputs: Sequence[Any], config: CompileCon
         refresh=refresh,
         dump_dir=config.dump_dir,
         verify_inputs=random_inputs_like(gm, inputs) if config.verify else None,
+        verify_context=run_context,
     )
     gm, records = manager(gm)
     report.add_passes(records)
     report.kernels = dict(gm.meta.get("fxkiln_kernels", {}))
-    report.flops_after = count_flops(gm, inputs)
+    with context_factory():
+        report.flops_after = count_flops(gm, inputs)
     report.weight_bytes_after = weight_bytes(gm)
     return gm
 

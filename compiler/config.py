@@ -35,6 +35,11 @@ class CompileConfig:
     device: str = "auto"                                      # auto | cpu | cuda | cuda:N
     verify: bool = False                  # check each pass: before and after agree on random inputs
     dump_dir: str | None = None           # write each graph's code here, numbered in pass order
+    splitting_ops: tuple[str, ...] | None = None  # "namespace::op" names; None = attention ops
+    capture_warmup_runs: int = 1          # eager runs of each piece before its capture
+    capture_failure: str = "raise"        # a piece that cannot be captured: "raise" | "eager"
+    simulate_capture: bool = False        # replay through the CUDA-graph simulator (any device)
+    debug: bool = False                   # check static input addresses at every replay
 
     def __post_init__(self) -> None:
         if not isinstance(self.kernels, Mapping):
@@ -67,8 +72,24 @@ class CompileConfig:
         if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):
             raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', "
                              f"found {self.device!r}")
-        if not isinstance(self.verify, bool):
-            raise ValueError(f"verify: expected a bool, found {self.verify!r}")
+        for name in ("verify", "simulate_capture", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, found {getattr(self, name)!r}")
+        if self.splitting_ops is not None:
+            if isinstance(self.splitting_ops, str):
+                raise ValueError(f"splitting_ops: expected a tuple of 'namespace::op' names, "
+                                 f"found the string {self.splitting_ops!r}")
+            object.__setattr__(self, "splitting_ops", tuple(self.splitting_ops))
+            for op in self.splitting_ops:
+                if not isinstance(op, str) or "::" not in op:
+                    raise ValueError(f"splitting_ops: expected 'namespace::op' names such as "
+                                     f"'fxkiln::attention', found {op!r}")
+        if not isinstance(self.capture_warmup_runs, int) or self.capture_warmup_runs < 0:
+            raise ValueError(f"capture_warmup_runs: expected an integer >= 0, "
+                             f"found {self.capture_warmup_runs!r}")
+        if self.capture_failure not in ("raise", "eager"):
+            raise ValueError(f"capture_failure: expected 'raise' or 'eager', "
+                             f"found {self.capture_failure!r}")
 
     # -- identity -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +100,11 @@ class CompileConfig:
             "device": self.device,
             "verify": self.verify,
             "dump_dir": self.dump_dir,
+            "splitting_ops": None if self.splitting_ops is None else list(self.splitting_ops),
+            "capture_warmup_runs": self.capture_warmup_runs,
+            "capture_failure": self.capture_failure,
+            "simulate_capture": self.simulate_capture,
+            "debug": self.debug,
         }
 
     def hash(self) -> str:
@@ -111,7 +137,9 @@ class CompileConfig:
 
         FXKILN_KERNELS="rms_norm=triton,silu_and_mul=native", FXKILN_PASSES="cleanup,..."
         (or "default"), FXKILN_CAPTURE_SIZES="1,2,4" (empty: no capture), FXKILN_DEVICE,
-        FXKILN_VERIFY=0|1, FXKILN_DUMP_DIR. Any other FXKILN_* variable is an error.
+        FXKILN_VERIFY=0|1, FXKILN_DUMP_DIR, FXKILN_SPLITTING_OPS="fxkiln::attention,...",
+        FXKILN_CAPTURE_WARMUP_RUNS, FXKILN_CAPTURE_FAILURE=raise|eager,
+        FXKILN_SIMULATE_CAPTURE=0|1, FXKILN_DEBUG=0|1. Any other FXKILN_* variable is an error.
         """
         env = os.environ if environ is None else environ
         parsers = {
@@ -121,6 +149,11 @@ class CompileConfig:
             "DEVICE": ("device", str),
             "VERIFY": ("verify", _parse_bool),
             "DUMP_DIR": ("dump_dir", str),
+            "SPLITTING_OPS": ("splitting_ops", _parse_names),
+            "CAPTURE_WARMUP_RUNS": ("capture_warmup_runs", _parse_count),
+            "CAPTURE_FAILURE": ("capture_failure", str),
+            "SIMULATE_CAPTURE": ("simulate_capture", _parse_bool),
+            "DEBUG": ("debug", _parse_bool),
         }
         values: dict[str, Any] = {}
         for key, raw in env.items():
@@ -131,7 +164,10 @@ class CompileConfig:
                 raise ValueError(f"unknown environment variable {key}; expected one of "
                                  f"{[ENV_PREFIX + s for s in parsers]}")
             name, parse = parsers[suffix]
-            values[name] = parse(raw)
+            try:
+                values[name] = parse(raw)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
         return cls(**values)
 
 
@@ -156,7 +192,7 @@ def _parse_kernels(raw: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in raw.split(","))):
         op, sep, impl = item.partition("=")
         if not sep:
-            raise ValueError(f"FXKILN_KERNELS: expected 'op=implementation' items, found {item!r}")
+            raise ValueError(f"expected 'op=implementation' items, found {item!r}")
         kernels[op.strip()] = impl.strip()
     return kernels
 
@@ -171,8 +207,18 @@ def _parse_sizes(raw: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in raw.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"FXKILN_CAPTURE_SIZES: expected comma-separated integers, "
-                         f"found {raw!r}") from None
+        raise ValueError(f"expected comma-separated integers, found {raw!r}") from None
+
+
+def _parse_names(raw: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in raw.split(","))))
+
+
+def _parse_count(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"expected an integer, found {raw!r}") from None
 
 
 def _parse_bool(raw: str) -> bool:
@@ -181,4 +227,4 @@ def _parse_bool(raw: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"FXKILN_VERIFY: expected 0 or 1, found {raw!r}")
+    raise ValueError(f"expected 0 or 1, found {raw!r}")

@@ -7,45 +7,55 @@ shape propagation see through the ops, so each op is one node in a captured grap
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 import runtime.kernels  # noqa: F401  (registers the implementations)
-from runtime.registry import KernelImpl, choose_kernel
-from runtime.settings import active_kernel_choice
+from runtime import registry, settings
 
 DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
 
 
-def _dispatch(op: str, x: torch.Tensor) -> KernelImpl:
-    return choose_kernel(op, active_kernel_choice(op), x.device, x.dtype)
+def _dispatch(op: str, x: torch.Tensor, *args: Any) -> Any:
+    """Choose the implementation of `op` for `x`'s device and dtype from the active settings,
+    then call it with `args`.
+
+    Looked up through the modules on every call (the slow path), so patching
+    `runtime.settings.active_kernel_choice` is seen here.
+    """
+    impl = registry.choose_kernel(op, settings.active_kernel_choice(op), x.device, x.dtype)
+    return impl.fn(*impl.call_args(args))
 
 
 @torch.library.custom_op("fxkiln::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _dispatch("rms_norm", x).fn(x, weight, eps)
+    return _dispatch("rms_norm", x, x, weight, eps)
 
 
 @rms_norm.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 @torch.library.custom_op("fxkiln::fused_add_rms_norm", mutates_args=())
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _dispatch("fused_add_rms_norm", x).fn(x, residual, weight, eps)
+    return _dispatch("fused_add_rms_norm", x, x, residual, weight, eps)
 
 
 @fused_add_rms_norm.register_fake
 def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(x)
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x.new_empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype)),
+            x.new_empty(x.shape, dtype=sum_dtype))
 
 
 @torch.library.custom_op("fxkiln::silu_and_mul", mutates_args=())
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return _dispatch("silu_and_mul", x).fn(x)
+    return _dispatch("silu_and_mul", x, x)
 
 
 @silu_and_mul.register_fake
@@ -58,11 +68,11 @@ def rotary_embedding(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
     cos_sin_cache: torch.Tensor, head_size: int, is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _dispatch("rotary_embedding", query).fn(
-        positions, query, key, cos_sin_cache, head_size, is_neox)
+    return _dispatch("rotary_embedding", query,
+                     positions, query, key, cos_sin_cache, head_size, is_neox)
 
 
 @rotary_embedding.register_fake
 def _(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
       cos_sin_cache: torch.Tensor, head_size: int, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(query), torch.empty_like(key)
+    return (query.new_empty(query.shape), key.new_empty(key.shape))

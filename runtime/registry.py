@@ -22,7 +22,23 @@ class KernelImpl:
     name: str
     fn: Callable[..., Any]
     supports: Callable[[torch.device, torch.dtype], bool]
-    priority: int = 0  # under "auto", the supported implementation with the highest priority wins
+    # Under "auto", the supported implementation with the highest priority wins; a callable
+    # priority depends on (device, dtype), e.g. a Triton kernel that runs on CPU only in the
+    # interpreter ranks below native there.
+    priority: int | Callable[[torch.device, torch.dtype], int] = 0
+    # Compile-time constants (block sizes, warps) from the op's arguments, appended to them when
+    # calling `fn`: the kernel_choice pass bakes them into the graph, the eager path computes them
+    # on every call. Arguments may be FakeTensors. None: `fn` takes the op's arguments as they are.
+    launch_constants: Callable[..., tuple[Any, ...]] | None = None
+
+    def priority_for(self, device: torch.device, dtype: torch.dtype) -> int:
+        return self.priority(device, dtype) if callable(self.priority) else self.priority
+
+    def call_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The arguments `fn` takes for a call of the op with `args`."""
+        if self.launch_constants is None:
+            return args
+        return (*args, *self.launch_constants(*args))
 
 
 _IMPLEMENTATIONS: dict[str, dict[str, KernelImpl]] = {}
@@ -33,7 +49,8 @@ def register_kernel(
     name: str,
     *,
     supports: Callable[[torch.device, torch.dtype], bool],
-    priority: int = 0,
+    priority: int | Callable[[torch.device, torch.dtype], int] = 0,
+    launch_constants: Callable[..., tuple[Any, ...]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register `fn` as implementation `name` of dispatch op `op`."""
     if name == AUTO:
@@ -43,7 +60,8 @@ def register_kernel(
         impls = _IMPLEMENTATIONS.setdefault(op, {})
         if name in impls:
             raise ValueError(f"op {op!r} already has an implementation named {name!r}")
-        impls[name] = KernelImpl(op=op, name=name, fn=fn, supports=supports, priority=priority)
+        impls[name] = KernelImpl(op=op, name=name, fn=fn, supports=supports, priority=priority,
+                                 launch_constants=launch_constants)
         return fn
 
     return decorate
@@ -74,7 +92,7 @@ def choose_kernel(op: str, requested: str, device: torch.device, dtype: torch.dt
         if not runnable:
             raise ValueError(f"no implementation of {op!r} supports device {device} with {dtype}; "
                              f"registered: {sorted(impls)}")
-        return max(runnable, key=lambda impl: impl.priority)
+        return max(runnable, key=lambda impl: impl.priority_for(device, dtype))
     if requested not in impls:
         raise ValueError(f"unknown implementation {requested!r} for op {op!r}; "
                          f"expected one of {[AUTO, *sorted(impls)]}")

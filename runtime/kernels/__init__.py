@@ -2,3 +2,4 @@
 from __future__ import annotations
 
 from runtime.kernels import native  # noqa: F401  (registers the native implementations)
+from runtime.kernels import triton_kernels  # noqa: F401  (registers "triton" when Triton is installed)

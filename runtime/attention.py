@@ -1,0 +1,141 @@
+"""The attention op: `torch.ops.fxkiln.attention(query, key, value, output, layer_name) -> None`.
+
+The op writes its result into `output`, a buffer the caller allocated (in a piecewise-captured
+graph the piece before the op allocates it, so its address is stable inside the graph pool). It
+takes no metadata as arguments: the layer's spec and KV cache, and the step's sequence layout,
+come from the forward context (`runtime.forward_context`), so one traced graph serves prefill and
+decode steps alike. In a traced graph the op is one opaque node that mutates `output`.
+
+Inputs, all flattened over tokens:
+    query  (tokens, num_heads * head_size)
+    key    (tokens or encoder tokens, num_kv_heads * head_size)
+    value  like key
+    output like query
+For cross-attention, key and value are the encoder's projections: they are written to the cache
+only on steps that carry encoder tokens (`num_actual_encoder_tokens > 0`); on decode steps they
+have no real rows and the op reads the cached K/V. Rows past the step's real tokens (padding
+added by a runner) are neither computed nor cached; the op writes zeros there.
+
+There is one implementation, `native_attention` (torch SDPA: one call for a decode step's whole
+batch, one call per sequence otherwise). Faster
+kernels plug in later as further implementations of the same op.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.forward_context import AttentionMetadata, get_forward_context
+from runtime.kv_cache import AttentionKind, LayerKVCache
+
+
+@torch.library.custom_op("fxkiln::attention", mutates_args=("output",))
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+              layer_name: str) -> None:
+    context = get_forward_context()
+    try:
+        cache = context.kv_caches[layer_name]
+    except KeyError:
+        raise LookupError(f"attention layer {layer_name!r} has no entry in the forward context's "
+                       f"kv_caches; expected one of {sorted(context.kv_caches)}") from None
+    native_attention(query, key, value, output, cache, context.attn_metadata)
+
+
+@attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+      layer_name: str) -> None:
+    return None
+
+
+def native_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
+    """Reference implementation: write K/V to the cache, then SDPA per sequence into `output`."""
+    spec = cache.spec
+    if spec.kind is AttentionKind.ENCODER:
+        num_queries, starts = meta.num_actual_encoder_tokens, meta.encoder_query_start_loc
+    else:
+        num_queries, starts = meta.num_actual_tokens, meta.query_start_loc
+    if starts is None:
+        raise ValueError(f"{spec.kind.value} attention needs encoder metadata, found none")
+    output[num_queries:].zero_()  # padding rows
+    q = query[:num_queries].reshape(num_queries, spec.num_heads, spec.head_size)  # (tokens, heads, hd)
+
+    if spec.kind is AttentionKind.ENCODER:
+        k = key[:num_queries].reshape(num_queries, spec.num_kv_heads, spec.head_size)
+        v = value[:num_queries].reshape(num_queries, spec.num_kv_heads, spec.head_size)
+        for i in range(len(starts) - 1):
+            rows = slice(starts[i], starts[i + 1])
+            _attend(q[rows], k[rows], v[rows], output[rows], spec.scale, causal=False)
+        return
+
+    assert cache.key is not None and cache.value is not None, "cached layer without cache tensors"
+    if spec.kind is AttentionKind.DECODER:
+        _write_cache(cache, key, value, meta.slot_mapping)
+        tables, context_lens = meta.slot_tables, meta.seq_lens
+    else:
+        assert meta.encoder_slot_mapping is not None and meta.encoder_slot_tables is not None
+        assert meta.encoder_seq_lens is not None
+        _write_cache(cache, key, value, meta.encoder_slot_mapping)
+        tables, context_lens = meta.encoder_slot_tables, meta.encoder_seq_lens
+    causal = spec.kind is AttentionKind.DECODER
+    if num_queries == len(context_lens) and num_queries > 0:  # decode: one query per sequence
+        _attend_decode(q, cache, tables, context_lens, output[:num_queries], spec.scale)
+        return
+    for i, context_len in enumerate(context_lens):
+        rows = slice(starts[i], starts[i + 1])
+        slots = tables[i, :context_len]
+        _attend(q[rows], cache.key[slots], cache.value[slots], output[rows], spec.scale, causal)
+
+
+def _attend_decode(q: torch.Tensor, cache: LayerKVCache, tables: torch.Tensor,
+                   context_lens: tuple[int, ...], out: torch.Tensor, scale: float) -> None:
+    """All sequences at once when each brings one query (its newest position, so causality
+    is just the context length): one gather and one SDPA call, however large the batch."""
+    assert cache.key is not None and cache.value is not None
+    batch, longest = q.shape[0], max(context_lens)
+    slots = tables[:, :longest]                                     # (batch, longest)
+    k = cache.key[slots].transpose(1, 2)                            # (batch, kv_heads, longest, hd)
+    v = cache.value[slots].transpose(1, 2)
+    mask = None
+    if min(context_lens) != longest:  # ragged contexts: hide each sequence's unused slots
+        lens = torch.tensor(context_lens, device=q.device)
+        mask = (torch.arange(longest, device=q.device) < lens[:, None])[:, None, None, :]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)                       # (batch, heads, longest, hd)
+        v = v.repeat_interleave(group, dim=1)
+    result = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale)
+    out.copy_(result.reshape(batch, -1))                            # (batch, heads * hd)
+
+
+def _write_cache(cache: LayerKVCache, key: torch.Tensor, value: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+    assert cache.key is not None and cache.value is not None
+    num_tokens = slots.shape[0]
+    if num_tokens == 0:
+        return
+    kv_heads, head_size = cache.key.shape[1:]
+    cache.key[slots] = key[:num_tokens].reshape(num_tokens, kv_heads, head_size)
+    cache.value[slots] = value[:num_tokens].reshape(num_tokens, kv_heads, head_size)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
+            causal: bool) -> None:
+    """One sequence: q (new, heads, hd) over k, v (context, kv_heads, hd); the new tokens are the
+    last `new` positions of the context, so query j sees keys up to context - new + j."""
+    num_new, num_context = q.shape[0], k.shape[0]
+    if num_new == 0:
+        return
+    mask = None
+    if causal and num_new > 1:
+        key_pos = torch.arange(num_context, device=q.device)
+        query_pos = torch.arange(num_new, device=q.device) + (num_context - num_new)
+        mask = key_pos[None, :] <= query_pos[:, None]  # (new, context)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)  # (context, heads, hd)
+        v = v.repeat_interleave(group, dim=1)
+    result = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+    )  # (heads, new, hd)
+    out.copy_(result.transpose(0, 1).reshape(num_new, -1))

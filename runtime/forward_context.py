@@ -1,0 +1,147 @@
+"""Per-step attention metadata, handed to attention ops outside the graph's inputs.
+
+The traced graph sees only token ids and positions; everything that changes from step to step
+in a way the graph must not depend on (how tokens group into sequences, which cache slot each
+token uses, how long each context is) lives here. A step runs inside
+`set_forward_context(metadata, kv_caches)`; each attention op calls `get_forward_context()`.
+
+Token layout is flattened, as in vLLM: the new tokens of sequence i are rows
+`query_start_loc[i]:query_start_loc[i + 1]` of the step's inputs. The inputs may carry padding
+rows after the last real token (a runner pads to a bucket size); those rows belong to no
+sequence, get no cache slot, and the op writes zeros for them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+from runtime.kv_cache import LayerKVCache
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this step's tokens go and what they attend to.
+
+    Decoder side (every model):
+      query_start_loc: (num_seqs + 1) offsets of each sequence's new tokens in the step's rows.
+      seq_lens: (num_seqs) context length of each sequence including this step's tokens.
+      slot_mapping: (num_actual_tokens,) int64 cache slot of each new token.
+      slot_tables: (num_seqs, max_len) int64 cache slot of each position of each sequence.
+    Encoder side (encoder-decoder models; None otherwise):
+      encoder_query_start_loc: (num_seqs + 1) offsets of each sequence's encoder tokens in this
+        step's encoder rows (all zero on steps that do not run the encoder).
+      encoder_seq_lens: (num_seqs) encoder length of each sequence (what cross-attention reads).
+      encoder_slot_mapping: (num_actual_encoder_tokens,) cross-attention cache slot of each
+        encoder token of this step.
+      encoder_slot_tables: (num_seqs, max_encoder_len) cross-attention slot of each encoder position.
+    """
+
+    query_start_loc: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    slot_mapping: torch.Tensor
+    slot_tables: torch.Tensor
+    encoder_query_start_loc: tuple[int, ...] | None = None
+    encoder_seq_lens: tuple[int, ...] | None = None
+    encoder_slot_mapping: torch.Tensor | None = None
+    encoder_slot_tables: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        num_seqs = len(self.seq_lens)
+        _check_offsets("query_start_loc", self.query_start_loc, num_seqs)
+        for i, (query_len, seq_len) in enumerate(zip(self.query_lens, self.seq_lens)):
+            if query_len > seq_len:
+                raise ValueError(f"sequence {i}: {query_len} new tokens but seq_lens[{i}] = {seq_len}")
+        _check_rows("slot_mapping", self.slot_mapping, self.num_actual_tokens)
+        _check_table("slot_tables", self.slot_tables, num_seqs, max(self.seq_lens, default=0))
+        if self.encoder_seq_lens is None:
+            return
+        if self.encoder_query_start_loc is None or self.encoder_slot_mapping is None \
+                or self.encoder_slot_tables is None:
+            raise ValueError("encoder_seq_lens given: expected encoder_query_start_loc, "
+                             "encoder_slot_mapping and encoder_slot_tables too, found None")
+        if len(self.encoder_seq_lens) != num_seqs:
+            raise ValueError(f"encoder_seq_lens: expected {num_seqs} entries, "
+                             f"found {len(self.encoder_seq_lens)}")
+        _check_offsets("encoder_query_start_loc", self.encoder_query_start_loc, num_seqs)
+        _check_rows("encoder_slot_mapping", self.encoder_slot_mapping, self.num_actual_encoder_tokens)
+        _check_table("encoder_slot_tables", self.encoder_slot_tables, num_seqs,
+                     max(self.encoder_seq_lens, default=0))
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_actual_tokens(self) -> int:
+        """Real (unpadded) decoder tokens in this step."""
+        return self.query_start_loc[-1]
+
+    @property
+    def num_actual_encoder_tokens(self) -> int:
+        """Real encoder tokens in this step (0 on decode steps of encoder-decoder models)."""
+        return 0 if self.encoder_query_start_loc is None else self.encoder_query_start_loc[-1]
+
+    @property
+    def query_lens(self) -> tuple[int, ...]:
+        starts = self.query_start_loc
+        return tuple(end - start for start, end in zip(starts[:-1], starts[1:]))
+
+    @property
+    def is_decode(self) -> bool:
+        """True when every sequence brings exactly one new token (a pure decode step)."""
+        return all(query_len == 1 for query_len in self.query_lens)
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What attention ops read during one forward step."""
+
+    attn_metadata: AttentionMetadata
+    kv_caches: Mapping[str, LayerKVCache]
+
+
+_FORWARD_CONTEXT: ContextVar[ForwardContext | None] = ContextVar("fxkiln_forward_context",
+                                                                 default=None)
+
+
+@contextmanager
+def set_forward_context(attn_metadata: AttentionMetadata,
+                        kv_caches: Mapping[str, LayerKVCache]) -> Iterator[ForwardContext]:
+    """Within the block, attention ops use `attn_metadata` and `kv_caches` (layer name -> cache)."""
+    context = ForwardContext(attn_metadata, kv_caches)
+    token = _FORWARD_CONTEXT.set(context)
+    try:
+        yield context
+    finally:
+        _FORWARD_CONTEXT.reset(token)
+
+
+def get_forward_context() -> ForwardContext:
+    """The active forward context; RuntimeError outside `set_forward_context`."""
+    context = _FORWARD_CONTEXT.get()
+    if context is None:
+        raise RuntimeError("an attention op ran outside set_forward_context(...): expected per-step "
+                           "attention metadata and KV caches, found none")
+    return context
+
+
+def _check_offsets(name: str, offsets: tuple[int, ...], num_seqs: int) -> None:
+    if len(offsets) != num_seqs + 1 or offsets[0] != 0:
+        raise ValueError(f"{name}: expected {num_seqs + 1} offsets starting at 0, found {offsets}")
+    if any(end < start for start, end in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"{name}: expected non-decreasing offsets, found {offsets}")
+
+
+def _check_rows(name: str, tensor: torch.Tensor, rows: int) -> None:
+    if tensor.dim() != 1 or tensor.shape[0] != rows:
+        raise ValueError(f"{name}: expected shape ({rows},), found {tuple(tensor.shape)}")
+
+
+def _check_table(name: str, table: torch.Tensor, num_seqs: int, min_len: int) -> None:
+    if table.dim() != 2 or table.shape[0] != num_seqs or table.shape[1] < min_len:
+        raise ValueError(f"{name}: expected shape ({num_seqs}, >= {min_len}), "
+                         f"found {tuple(table.shape)}")
