@@ -253,3 +253,31 @@ def test_self_attention_is_never_rewritten(shape: Shape, tokens: int) -> None:
     inputs = (torch.randn(tokens, shape.hidden),)
     gm = trace(module, inputs)
     assert not run_split(gm, inputs).modified
+
+
+def test_our_bart_narrows_both_cross_attention_calls_in_every_decoder_layer() -> None:
+    from models import from_hf
+    from tests.model_oracle import build_hf, decoder_prompt, random_ids, step_logits
+
+    hf = build_hf("bart", seed=3, decoder_layers=3)
+    model = from_hf(hf)
+    config = CompileConfig(device="cpu", capture_sizes=(), verify=True)
+    compiled = compile_model(model, config=config)
+    report, gm = compiled.report, compiled.graph_module
+    d, layers, tokens = hf.config.d_model, hf.config.decoder_layers, 8  # example: 8 and 8 tokens
+    assert report.passes["qkv_split"].matches == 2 * layers
+    assert report.passes["qkv_fuse"].matches == 0  # nothing left to fuse: one KV per layer
+    widths = {str(n.args[1].target): int(n.meta["val"].shape[-1]) for n in gm.graph.nodes
+              if n.op == "call_function" and n.target is torch._C._nn.linear}
+    for index in range(layers):
+        cross = f"model_decoder_layers_{index}_encoder_attn_qkv_proj_weight_out"
+        assert widths[f"{cross}_0_{d}"] == d and widths[f"{cross}_{d}_{3 * d}"] == 2 * d
+        assert widths[f"model.decoder.layers.{index}.self_attn.qkv_proj.weight"] == 3 * d
+    # Per layer: K, V on the decoder's tokens and Q on the encoder's were computed for nothing.
+    assert report.flops_before - report.flops_after == layers * (2 * tokens * d * 3 * d)
+    assert report.weight_bytes_before - report.weight_bytes_after == layers * 4 * 3 * d * (d + 1)
+    source = random_ids((2, 5), hf.config.vocab_size, seed=4)
+    prompt, continuation = decoder_prompt(hf, 2), random_ids((2, 4), hf.config.vocab_size, seed=5)
+    torch.testing.assert_close(step_logits(compiled, prompt, continuation, source),
+                               step_logits(model, prompt, continuation, source),
+                               atol=1e-5, rtol=1e-5)
