@@ -188,7 +188,8 @@ def run(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         row = {"batch": batch, **projection_rows(model, batch, device, dtype, settings),
                **step_row(variants, model, batch, device, settings)}
         rows.append(row)
-        print(f"batch {batch:4}: cross Q {row['cross_q_off_ms']:8.3f} -> {row['cross_q_on_ms']:8.3f}"
+        print(f"batch {batch:4}: cross Q {row['cross_q_off_ms']:8.3f} -> "
+              f"{row['cross_q_on_ms']:8.3f}"
               f" ms ({row['cross_q_on_over_off']:.2f}x)  cross KV {row['cross_kv_off_ms']:8.3f} ->"
               f" {row['cross_kv_on_ms']:8.3f} ms ({row['cross_kv_on_over_off']:.2f}x)  step "
               f"{row['decode_step_off_ms']:8.3f} -> {row['decode_step_on_ms']:8.3f} ms "
@@ -232,7 +233,8 @@ def main() -> None:
         "pass_off": PASS_OFF, "pass_on": PASS_ON,
         **run(device, dtype),
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"cross_attention-{device.type}.json")
+    default_out = Path(__file__).parent / "results" / f"cross_attention-{device.type}.json"
+    out = Path(args.out) if args.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -281,3 +282,22 @@ def test_our_bart_narrows_both_cross_attention_calls_in_every_decoder_layer() ->
     torch.testing.assert_close(step_logits(compiled, prompt, continuation, source),
                                step_logits(model, prompt, continuation, source),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_our_bart_on_cuda_in_bf16_agrees_with_the_unsplit_graph() -> None:
+    from models import from_hf
+    from tests.model_oracle import build_hf, decoder_prompt, random_ids, step_logits
+
+    hf = build_hf("bart", seed=6, decoder_layers=2).to("cuda", torch.bfloat16)
+    model = from_hf(hf)
+    logits = {}
+    for passes in (("cleanup",), ("qkv_split", "qkv_fuse", "cleanup")):
+        config = CompileConfig(device="cuda", passes=passes, capture_sizes=(1, 2, 4))
+        compiled = compile_model(model, config=config)
+        source = random_ids((2, 5), hf.config.vocab_size, seed=7).cuda()
+        prompt = decoder_prompt(hf, 2).cuda()
+        continuation = random_ids((2, 3), hf.config.vocab_size, seed=8).cuda()
+        logits[passes[0]] = step_logits(compiled, prompt, continuation, source).float()
+    assert compiled.report.passes["qkv_split"].matches == 4
+    torch.testing.assert_close(logits["qkv_split"], logits["cleanup"], atol=5e-2, rtol=5e-2)
