@@ -4,13 +4,18 @@ from __future__ import annotations
 from passes.base import GraphPass, PassContext, PassResult
 from passes.cleanup import CleanupPass
 from passes.kernel_choice import KernelChoicePass
+from passes.qkv_fuse import QkvFusePass
+from passes.qkv_split import QkvSplitPass
 
 # Every pass by name, and the default pipeline (order matters: kernel_choice first, so later
-# passes see direct kernel calls; cleanup last tidies up after the rewrites before it).
+# passes see direct kernel calls; qkv_split narrows fused projections before qkv_fuse joins
+# separate ones; cleanup last tidies up after the rewrites before it).
 PASSES: dict[str, type[GraphPass]] = {
     KernelChoicePass.name: KernelChoicePass,
+    QkvSplitPass.name: QkvSplitPass,
+    QkvFusePass.name: QkvFusePass,
     CleanupPass.name: CleanupPass,
 }
-DEFAULT_PIPELINE: tuple[str, ...] = ("kernel_choice", "cleanup")
+DEFAULT_PIPELINE: tuple[str, ...] = ("kernel_choice", "qkv_split", "qkv_fuse", "cleanup")
 
 __all__ = ["DEFAULT_PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult"]

@@ -8,7 +8,14 @@ import torch
 from torch import fx
 
 from passes.base import GraphPass, PassResult
-from passes.fx_utils import is_getitem, is_view_like, known_equal, same_shape, tensor_meta
+from passes.fx_utils import (
+    is_getitem,
+    is_impure,
+    is_view_like,
+    known_equal,
+    same_shape,
+    tensor_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +110,6 @@ def _known_at_least(stop: Any, size: Any) -> bool:
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> int:
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     return before - len(gm.graph.nodes)
-
-
-def _is_impure(node: fx.Node) -> bool:
-    """FX's notion, plus in-place methods and functions (`out.copy_(x)`), which it misses."""
-    if node.is_impure():
-        return True
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    in_place = name.endswith("_") and not name.startswith("_")
-    return node.op in ("call_method", "call_function") and in_place
-
 

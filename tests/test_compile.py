@@ -13,6 +13,7 @@ from torch import nn
 
 import compiler
 from compiler import CompileConfig, GraphBreakError, compile_model
+from passes import DEFAULT_PIPELINE
 from tests.strategies import ModelCase, models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def test_report_counts_flops_and_weight_bytes() -> None:
     report = compiled.report
     assert report.flops_before == report.flops_after == 2 * 5 * (6 * 10 + 10 * 4)
     assert report.weight_bytes_before == 4 * (6 * 10 + 10 + 10 * 4)
-    assert set(report.passes) == {"kernel_choice", "cleanup"}  # the default pipeline
+    assert set(report.passes) == set(DEFAULT_PIPELINE)
     text = str(report)
     assert "cleanup" in text and "FLOPs" in text and f"{report.flops_before:,}" in text
 
