@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -33,3 +34,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Tiny models on a 2-core machine: intra-op threads only contend (a tiny BART step measured
 # 2.7 s with the default threads under load, 0.03 s with one).
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def replays(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every replay of a simulated graph (runtime.replay_simulator), in order."""
+    from runtime.replay_simulator import SimulatedGraph
+
+    seen: list[SimulatedGraph] = []
+    replay = SimulatedGraph.replay
+
+    def counting(graph: SimulatedGraph) -> None:
+        seen.append(graph)
+        replay(graph)
+
+    monkeypatch.setattr(SimulatedGraph, "replay", counting)
+    return seen

@@ -7,24 +7,11 @@ import torch
 from compiler import CompileConfig, compile_model
 from models import from_hf
 from runtime import generate
-from runtime.replay_simulator import SimulatedGraph
 from tests.model_oracle import build_hf, hf_greedy, random_ids
 
 SIMULATED = CompileConfig(device="cpu", capture_sizes=(1, 2, 4, 8), simulate_capture=True,
                           debug=True)
 
-
-@pytest.fixture
-def replays(monkeypatch: pytest.MonkeyPatch) -> list[SimulatedGraph]:
-    seen: list[SimulatedGraph] = []
-    replay = SimulatedGraph.replay
-
-    def counting(graph: SimulatedGraph) -> None:
-        seen.append(graph)
-        replay(graph)
-
-    monkeypatch.setattr(SimulatedGraph, "replay", counting)
-    return seen
 
 
 def test_compiled_llama_generates_eagers_tokens_at_every_batch(replays: list) -> None:

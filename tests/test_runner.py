@@ -350,19 +350,6 @@ def _project_runner(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
                        step_context=decode_step_context(model, LARGEST, "cpu", encoder_len))
 
 
-@pytest.fixture
-def replays(monkeypatch: pytest.MonkeyPatch) -> list[SimulatedGraph]:
-    """Every simulated graph replay, in order."""
-    seen: list[SimulatedGraph] = []
-    replay = SimulatedGraph.replay
-
-    def counting(graph: SimulatedGraph) -> None:
-        seen.append(graph)
-        replay(graph)
-
-    monkeypatch.setattr(SimulatedGraph, "replay", counting)
-    return seen
-
 
 @pytest.mark.parametrize("batch", [3, 5, LARGEST + 1])
 def test_llama_decode_steps_through_simulated_graphs_equal_eager(
