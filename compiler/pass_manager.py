@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,10 @@ class PassManager:
 
     def _verify(self, name: str, before: fx.GraphModule, after: fx.GraphModule) -> None:
         assert self.verify_inputs is not None
-        with torch.no_grad(), _maybe(self.verify_context):
+        context = self.verify_context if self.verify_context is not None else nullcontext
+        with torch.no_grad(), context():
             expected = tree_flatten(before(*self.verify_inputs))[0]
-        with torch.no_grad(), _maybe(self.verify_context):
+        with torch.no_grad(), context():
             actual = tree_flatten(after(*self.verify_inputs))[0]
         if len(expected) != len(actual):
             raise PassVerificationError(f"pass {name!r} changed the number of outputs from "
@@ -137,18 +139,3 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     return fx.GraphModule(gm, graph, type(gm).__name__)
-
-
-class _maybe:
-    """Enter `factory()` when a factory is given."""
-
-    def __init__(self, factory: Callable[[], Any] | None) -> None:
-        self._context = factory() if factory is not None else None
-
-    def __enter__(self) -> None:
-        if self._context is not None:
-            self._context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)

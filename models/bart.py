@@ -67,18 +67,11 @@ class BartSelfAttention(nn.Module):
         return self.out_proj(self.attn(q, k, v))  # (tokens, embed_dim)
 
 
-class BartCrossAttention(nn.Module):
+class BartCrossAttention(BartSelfAttention):
     """Decoder queries over the encoder output, through one fused QKV projection (see module doc)."""
 
     def __init__(self, embed_dim: int, num_heads: int, prefix: str) -> None:
-        super().__init__()
-        head_dim = embed_dim // num_heads
-        self.qkv_proj = QKVParallelLinear(embed_dim, head_dim, num_heads, num_heads, bias=True)
-        self.out_proj = RowParallelLinear(embed_dim, embed_dim, bias=True)
-        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.attn = Attention(self.qkv_proj.num_heads, head_dim, head_dim ** -0.5,
-                              self.qkv_proj.num_kv_heads, AttentionKind.CROSS,
-                              layer_name=f"{prefix}.attn")
+        super().__init__(embed_dim, num_heads, AttentionKind.CROSS, prefix)
 
     def forward(self, decoder_hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
