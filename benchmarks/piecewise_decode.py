@@ -28,39 +28,14 @@ import transformers  # noqa: E402
 
 from compiler import CompileConfig, compile_model  # noqa: E402
 from models import from_hf  # noqa: E402
+from models.presets import TINY_OF, hf_model  # noqa: E402
 from runtime.generation import DecodeSession  # noqa: E402
 
 CONTEXT = 256
 WARMUP_STEPS, TIMED_STEPS = 5, 20
 
-FULL = {
-    "bart-large": lambda: transformers.BartConfig(
-        vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12,
-        encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
-        decoder_ffn_dim=4096, max_position_embeddings=1024),
-    "llama-1b": lambda: transformers.LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-        max_position_embeddings=8192, tie_word_embeddings=True),
-}
-TINY = {
-    "bart-large": lambda: transformers.BartConfig(
-        vocab_size=512, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        max_position_embeddings=1024),
-    "llama-1b": lambda: transformers.LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-}
-
-
 def build(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    config = (FULL if device.type == "cuda" else TINY)[name]()
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf_class = (transformers.BartForConditionalGeneration if name.startswith("bart")
-                    else transformers.LlamaForCausalLM)
-        hf = hf_class(config).to(dtype).eval()
+    hf = hf_model(name if device.type == "cuda" else TINY_OF[name], device, dtype)
     model = from_hf(hf)
     del hf
     return model
