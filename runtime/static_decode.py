@@ -108,7 +108,7 @@ class StaticDecodeState:
                 and num_encoder_slots <= self.num_encoder_slots
                 and max_encoder_len <= self.max_encoder_len
                 and (dtype is None or dtype == self.dtype)
-                and (device is None or torch.device(device) == self.device))
+                and (device is None or _same_device(torch.device(device), self.device)))
 
     def acquire(self) -> bool:
         """Lease the caches to one generation; False when another one holds them."""
@@ -121,3 +121,13 @@ class StaticDecodeState:
     def release(self) -> None:
         with self._lock:
             self._leased = False
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" and "cuda:0" are one device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or (a.index is not None and b.index is not None):
+        return a.index == b.index
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)

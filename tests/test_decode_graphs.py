@@ -91,3 +91,13 @@ def test_native_attention_keeps_decode_piecewise(caplog: pytest.LogCaptureFixtur
     assert "could not be captured" in caplog.text and "choose 'triton'" in caplog.text
     prompt = random_ids((2, 3), model.config.vocab_size, seed=1)
     assert torch.equal(generate(compiled, prompt, 4), generate(model, prompt, 4))
+
+
+def test_fits_checks_size_dtype_and_device(llama) -> None:
+    _, compiled = llama
+    state = compiled.static_decode
+    assert state.fits(state.num_slots, state.max_len, dtype=state.dtype, device="cpu")
+    assert not state.fits(state.num_slots + 1, state.max_len)
+    assert not state.fits(1, state.max_len + 1)
+    assert not state.fits(1, 1, dtype=torch.float16)
+    assert not state.fits(1, 1, device="meta")
