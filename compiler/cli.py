@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="fxkiln: an inference compiler for PyTorch models")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     demo = commands.add_parser(
-        "demo", help="compile fxkiln's BART and Llama, generate, compare tokens and speed with eager")
+        "demo", help="compile fxkiln's BART and Llama, generate, compare with eager")
     demo.add_argument("--model", action="append", choices=sorted(PRESETS), metavar="NAME",
                       help=f"a model preset, repeatable: {', '.join(sorted(PRESETS))} "
                            f"(default: {' and '.join(DEFAULT_MODELS)})")

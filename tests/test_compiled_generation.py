@@ -89,6 +89,9 @@ def test_compiled_decode_replays_shrinking_buckets_and_equals_eager_with_eos(
         assert torch.equal(tokens, eager) and torch.equal(eager, finish_at_eos(free, eos, 0))
         assert replayed_buckets == expected_buckets(recording.calls)
         assert (len(replays) > 0) == (len(replayed_buckets) > 0)
+        encoder_tokens = [encoder for _, encoder in recording.calls]
+        assert encoder_tokens[1:] == [0] * (len(encoder_tokens) - 1)  # the encoder runs once,
+        assert encoder_tokens[0] == (ids.numel() if kind == "bart" else 0)  # at prefill
         first_decode, last_decode = recording.calls[1][0], recording.calls[-1][0]
         shrunk |= expected_buckets([(last_decode, 0)]) != expected_buckets([(first_decode, 0)])
         if batch == 3:
