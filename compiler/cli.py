@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
 
-from compiler.compile import compile_model
 from compiler.config import CompileConfig
+from compiler.demo import DEFAULT_MODELS, DTYPES, resolve_dtype, run_demo
+from models.presets import PRESETS
 from passes import DEFAULT_PIPELINE, PASSES
 from runtime.registry import kernel_implementations, kernel_ops
 
@@ -19,9 +19,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compiler",
                                      description="fxkiln: an inference compiler for PyTorch models")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
-    demo = commands.add_parser("demo", help="compile a small built-in model, run it, print the report")
+    demo = commands.add_parser(
+        "demo", help="compile fxkiln's BART and Llama, generate, compare with eager")
+    demo.add_argument("--model", action="append", choices=sorted(PRESETS), metavar="NAME",
+                      help=f"a model preset, repeatable: {', '.join(sorted(PRESETS))} "
+                           f"(default: {' and '.join(DEFAULT_MODELS)})")
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    demo.add_argument("--tokens", type=int, default=16, help="tokens per call (default 16)")
+    demo.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                      help="auto (default: bfloat16 on CUDA, else float32)")
+    demo.add_argument("--batch", type=_positive, default=4, help="sequences (default 4)")
+    demo.add_argument("--prompt-len", type=_positive, default=8,
+                      help="prompt tokens per sequence (default 8)")
+    demo.add_argument("--new-tokens", type=_positive, default=32,
+                      help="tokens to generate per sequence (default 32)")
+    demo.add_argument("--threads", type=_positive, default=1,
+                      help="CPU intra-op threads (default 1: tiny models only contend for more)")
     demo.add_argument("--verify", action="store_true", help="check every pass numerically")
     commands.add_parser("passes", help="list the passes and the default pipeline")
     commands.add_parser("kernels", help="list the dispatch ops and their implementations")
@@ -36,28 +48,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from models.tiny import TinyDecoder
-
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     config = CompileConfig(device=args.device, verify=args.verify)
-    device = config.resolved_device()
-    model = TinyDecoder().to(device).eval()
-    print(f"model: TinyDecoder ({sum(p.numel() for p in model.parameters()):,} parameters) "
-          f"on {device}")
-    compiled = compile_model(model, config=config)
-    print(compiled.report)
-    (input_ids,) = model.example_inputs(args.tokens)
-    input_ids = input_ids.to(device)
-    with torch.no_grad():
-        expected = model(input_ids)
-    start = time.perf_counter()
-    actual = compiled(input_ids)
-    seconds = time.perf_counter() - start
-    equal = torch.allclose(actual, expected, rtol=1e-4, atol=1e-5)
-    difference = (actual - expected).abs().max().item()
-    print(f"ran {args.tokens} tokens in {seconds * 1e3:.2f} ms; "
-          f"equal to eager: {'yes' if equal else 'NO'} (largest difference {difference:.2e})")
-    return 0 if equal else 1
+    dtype = resolve_dtype(args.dtype, config.resolved_device())
+    all_equal = True
+    for name in args.model or DEFAULT_MODELS:
+        run = run_demo(name, config, dtype, args.batch, args.prompt_len, args.new_tokens)
+        print(f"== {name}: {run.description}")
+        print(run.compiled.report)
+        eager_rate = run.tokens_per_second(run.eager_seconds)
+        compiled_rate = run.tokens_per_second(run.compiled_seconds)
+        difference = run.first_difference()
+        where = "" if difference is None else \
+            f" (first difference: sequence {difference[0]}, step {difference[1]})"
+        print(f"generated {args.batch} x {args.new_tokens} tokens (greedy, prompt "
+              f"{args.prompt_len}); equal to eager: {'yes' if run.equal else 'NO'}{where}")
+        no_graphs = "" if run.compiled.report.captured_sizes else \
+            " [no graphs captured: the compiled pieces run eagerly]"
+        print(f"tokens/s: eager {eager_rate:,.1f}, compiled {compiled_rate:,.1f} "
+              f"({compiled_rate / eager_rate:.2f}x){no_graphs}\n")
+        all_equal &= run.equal
+    return 0 if all_equal else 1
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text}")
+    return value
 
 
 def _passes(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""A tiny built-in decoder block: the demo's model until the full models are wired in.
+"""A tiny built-in decoder block (the demo ran it before it ran fxkiln's BART and Llama).
 
 Flattened tokens in, logits out; RMSNorm and SiLU-and-mul through fxkiln's dispatch ops, causal
 self-attention through SDPA. Traceable by torch.fx.symbolic_trace.

@@ -90,6 +90,24 @@ def hf_greedy(hf: transformers.PreTrainedModel, prompt: torch.Tensor, max_new_to
 
 
 @torch.no_grad()
+def hf_generate_eos(hf: transformers.PreTrainedModel, prompt: torch.Tensor, max_new_tokens: int,
+                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                    encoder_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Hugging Face's greedy tokens stopping at EOS, (batch, steps run), `pad_token_id` after a
+    sequence's EOS. None takes the model's generation config (as `generate` does); forced
+    BOS/EOS tokens are off (fxkiln does not force them)."""
+    options: dict[str, Any] = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                   forced_eos_token_id=None, forced_bos_token_id=None)
+    if eos_token_id is not None:
+        options.update(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if encoder_ids is None:
+        return hf.generate(prompt, attention_mask=torch.ones_like(prompt),
+                           **options)[:, prompt.shape[1]:]
+    return hf.generate(encoder_ids, attention_mask=torch.ones_like(encoder_ids),
+                       decoder_input_ids=prompt, **options)[:, prompt.shape[1]:]
+
+
+@torch.no_grad()
 def step_logits(model: Any, prompt: torch.Tensor, continuation: torch.Tensor,
                 encoder_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Our logits for prompt + continuation, computed as a prefill step then one decode step per

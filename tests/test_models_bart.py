@@ -42,7 +42,8 @@ def test_greedy_tokens_equal_hf_generate() -> None:
     hf = build_hf("bart", seed=4)
     model = from_hf(hf)
     source = random_ids((3, 6), hf.config.vocab_size, seed=5)
-    ours = generate(model, None, max_new_tokens=10, encoder_input_ids=source)
+    ours = generate(model, None, max_new_tokens=10, encoder_input_ids=source,
+                    ignore_eos=True)
     assert ours.shape == (3, 10)
     torch.testing.assert_close(ours, hf_greedy(hf, decoder_prompt(hf, 3), 10, source), atol=0, rtol=0)
 
@@ -88,8 +89,9 @@ def test_traced_graph_generates_what_the_model_generates() -> None:
             return gm(*inputs)
 
     source = random_ids((2, 5), 101, seed=10)
-    torch.testing.assert_close(generate(Compiled(), None, 6, encoder_input_ids=source),
-                               generate(model, None, 6, encoder_input_ids=source))
+    torch.testing.assert_close(generate(Compiled(), None, 6, encoder_input_ids=source,
+                                        ignore_eos=True),
+                               generate(model, None, 6, encoder_input_ids=source, ignore_eos=True))
 
 
 def test_unsupported_activation_names_the_config_key() -> None:
@@ -107,5 +109,6 @@ def test_on_cuda_logits_and_greedy_tokens_match_hf_on_cpu() -> None:
     ours = step_logits(model, prompt.cuda(), continuation.cuda(), source.cuda()).cpu()
     expected = hf_logits(hf, torch.cat([prompt, continuation], dim=1), source)
     torch.testing.assert_close(ours, expected, atol=1e-3, rtol=0)
-    tokens = generate(model, None, 8, encoder_input_ids=source.cuda()).cpu()
+    tokens = generate(model, None, 8, encoder_input_ids=source.cuda(),
+                      ignore_eos=True).cpu()
     assert torch.equal(tokens, hf_greedy(hf, prompt, 8, source))

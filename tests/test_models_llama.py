@@ -40,7 +40,7 @@ def test_greedy_tokens_equal_hf_generate() -> None:
     hf = build_hf("llama", seed=4, num_key_value_heads=2, num_hidden_layers=3)
     model = from_hf(hf)
     prompt = random_ids((3, 4), hf.config.vocab_size, seed=5)
-    ours = generate(model, prompt, max_new_tokens=10)
+    ours = generate(model, prompt, max_new_tokens=10, ignore_eos=True)
     assert ours.shape == (3, 10)
     torch.testing.assert_close(ours, hf_greedy(hf, prompt, 10), atol=0, rtol=0)
 
@@ -56,7 +56,8 @@ def test_generate_accepts_a_wrapper_holding_the_model_as_dot_model() -> None:
             return self.model(*inputs)
 
     prompt = random_ids((2, 3), 101, seed=7)
-    torch.testing.assert_close(generate(Wrapper(model), prompt, 4), generate(model, prompt, 4))
+    torch.testing.assert_close(generate(Wrapper(model), prompt, 4, ignore_eos=True),
+                               generate(model, prompt, 4, ignore_eos=True))
 
 
 def test_symbolic_trace_has_one_attention_node_per_layer_and_no_collectives() -> None:
@@ -103,4 +104,5 @@ def test_on_cuda_logits_and_greedy_tokens_match_hf_on_cpu() -> None:
     ours = step_logits(model, prompt.cuda(), continuation.cuda()).cpu()
     expected = hf_logits(hf, torch.cat([prompt, continuation], dim=1))
     torch.testing.assert_close(ours, expected, atol=1e-3, rtol=0)
-    assert torch.equal(generate(model, prompt.cuda(), 8).cpu(), hf_greedy(hf, prompt, 8))
+    tokens = generate(model, prompt.cuda(), 8, ignore_eos=True).cpu()
+    assert torch.equal(tokens, hf_greedy(hf, prompt, 8))

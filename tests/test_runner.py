@@ -367,7 +367,8 @@ def test_llama_decode_steps_through_simulated_graphs_equal_eager(
     captured_pieces = sum(p.captured for p in runner.split.pieces)
     decode_steps = continuation.shape[1] if batch <= LARGEST else 0
     assert len(replays) == captured_pieces * decode_steps
-    assert torch.equal(generate(compiled, prompt, 4), generate(model, prompt, 4))
+    assert torch.equal(generate(compiled, prompt, 4, ignore_eos=True),
+                       generate(model, prompt, 4, ignore_eos=True))
 
 
 def test_bart_decode_steps_through_simulated_graphs_equal_eager(
@@ -387,5 +388,5 @@ def test_bart_decode_steps_through_simulated_graphs_equal_eager(
                                step_logits(model, prompt, continuation, encoder_ids))
     captured_pieces = sum(p.captured for p in runner.split.pieces)
     assert len(replays) == captured_pieces * continuation.shape[1]  # decode steps only
-    assert torch.equal(generate(compiled, None, 4, encoder_input_ids=encoder_ids),
-                       generate(model, None, 4, encoder_input_ids=encoder_ids))
+    assert torch.equal(generate(compiled, None, 4, encoder_input_ids=encoder_ids, ignore_eos=True),
+                       generate(model, None, 4, encoder_input_ids=encoder_ids, ignore_eos=True))

@@ -46,14 +46,15 @@ def test_llama_folder_with_tied_head_generates_hf_tokens(tmp_path: Path) -> None
     hf = build_hf("llama", seed=1, tie_word_embeddings=True, num_key_value_heads=1)
     model = from_hf(str(saved(hf, tmp_path)))  # the folder has no lm_head.weight: it is tied
     prompt = random_ids((2, 4), 101, seed=2)
-    torch.testing.assert_close(generate(model, prompt, 6), hf_greedy(hf, prompt, 6))
+    torch.testing.assert_close(generate(model, prompt, 6, ignore_eos=True),
+                               hf_greedy(hf, prompt, 6))
 
 
 def test_bart_folder_generates_hf_tokens(tmp_path: Path) -> None:
     hf = build_hf("bart", seed=3)
     model = from_hf(saved(hf, tmp_path))
     source = random_ids((2, 5), 101, seed=4)
-    torch.testing.assert_close(generate(model, None, 6, encoder_input_ids=source),
+    torch.testing.assert_close(generate(model, None, 6, encoder_input_ids=source, ignore_eos=True),
                                hf_greedy(hf, decoder_prompt(hf, 2), 6, source))
 
 
@@ -109,7 +110,8 @@ def test_checkpoint_with_qkv_already_stacked_loads_the_same_model() -> None:
     model = LlamaForCausalLM(hf.config)
     load_weights(model, stacked.items())  # must load whole, and leave nothing missing
     prompt = random_ids((1, 5), 101, seed=10)
-    torch.testing.assert_close(generate(model.eval(), prompt, 4), hf_greedy(hf, prompt, 4))
+    torch.testing.assert_close(generate(model.eval(), prompt, 4, ignore_eos=True),
+                               hf_greedy(hf, prompt, 4))
 
 
 def test_unknown_model_type_names_the_config_key() -> None:

@@ -39,7 +39,8 @@ def run_task(task: TPTask, tp_size: int) -> torch.Tensor:
     model = from_hf(build_hf(task.kind, task.seed, **task.overrides), tp_size=tp_size)
     if task.mode == "generate":
         prompt = None if task.kind == "bart" else task.prompt
-        return generate(model, prompt, task.continuation.shape[1], task.encoder_ids)
+        return generate(model, prompt, task.continuation.shape[1], task.encoder_ids,
+                        ignore_eos=True)
     return step_logits(model, task.prompt, task.continuation, task.encoder_ids)
 
 
