@@ -43,8 +43,8 @@ def test_llama_decode_steps_replay_one_graph_each(llama, replays: list, batch: i
     assert compiled.report.decode_graph_sizes == (1, 2, 4, 8)
     prompt = random_ids((batch, 4), model.config.vocab_size, seed=batch)
     before = len(replays)
-    tokens = generate(compiled, prompt, 6)
-    assert torch.equal(tokens, generate(model, prompt, 6))
+    tokens = generate(compiled, prompt, 6, ignore_eos=True)
+    assert torch.equal(tokens, generate(model, prompt, 6, ignore_eos=True))
     # five decode steps; a step within the buckets is one replay, past them none
     assert len(replays) - before == (5 if batch <= 8 else 0)
 
@@ -54,9 +54,23 @@ def test_bart_decode_steps_replay_one_graph_each(bart, replays: list, batch: int
     model, compiled = bart
     source = random_ids((batch, 7), model.config.vocab_size, seed=batch)
     before = len(replays)
-    tokens = generate(compiled, None, 5, encoder_input_ids=source)
-    assert torch.equal(tokens, generate(model, None, 5, encoder_input_ids=source))
+    tokens = generate(compiled, None, 5, encoder_input_ids=source, ignore_eos=True)
+    expected = generate(model, None, 5, encoder_input_ids=source, ignore_eos=True)
+    assert torch.equal(tokens, expected)
     assert len(replays) - before == (4 if batch <= 8 else 0)
+
+
+def test_sequences_finishing_early_shrink_the_replayed_step(llama, replays: list) -> None:
+    """EOS drops finished rows: later whole-step replays load fewer sequences (smaller buckets),
+    and the tokens stay eager's."""
+    model, compiled = llama
+    prompt = random_ids((5, 4), model.config.vocab_size, seed=31)
+    free = generate(model, prompt, 6, ignore_eos=True)
+    eos = int(free[0, 1])  # fires for row 0 at step 1, for others later or never
+    expected = generate(model, prompt, 6, eos_token_id=eos, pad_token_id=0)
+    before = len(replays)
+    assert torch.equal(generate(compiled, prompt, 6, eos_token_id=eos, pad_token_id=0), expected)
+    assert len(replays) > before
 
 
 @settings(max_examples=8)
@@ -67,7 +81,8 @@ def test_interleaved_sessions_of_any_size(llama, batches: list[int], seed: int) 
     model, compiled = llama
     for i, batch in enumerate(batches):
         prompt = random_ids((batch, 3), model.config.vocab_size, seed=seed + i)
-        assert torch.equal(generate(compiled, prompt, 4), generate(model, prompt, 4))
+        expected = generate(model, prompt, 4, ignore_eos=True)
+        assert torch.equal(generate(compiled, prompt, 4, ignore_eos=True), expected)
 
 
 def test_a_second_live_session_gets_its_own_caches(llama) -> None:
@@ -90,7 +105,8 @@ def test_native_attention_keeps_decode_piecewise(caplog: pytest.LogCaptureFixtur
     assert compiled.report.decode_graph_sizes == ()
     assert "could not be captured" in caplog.text and "choose 'triton'" in caplog.text
     prompt = random_ids((2, 3), model.config.vocab_size, seed=1)
-    assert torch.equal(generate(compiled, prompt, 4), generate(model, prompt, 4))
+    expected = generate(model, prompt, 4, ignore_eos=True)
+    assert torch.equal(generate(compiled, prompt, 4, ignore_eos=True), expected)
 
 
 def test_fits_checks_size_dtype_and_device(llama) -> None:
