@@ -1,5 +1,6 @@
-"""Tensor parallelism on CPU: 2 gloo ranks give the TP=1 logits and tokens, and a hypothesis
-property over sizes, heads, KV heads, layers and TP size in {1, 2} against Hugging Face."""
+"""Tensor parallelism on CPU: 2 gloo ranks give the TP=1 logits and tokens (eager, and compiled
+with simulated graphs whose pieces hold the collectives), and a hypothesis property over sizes,
+heads, KV heads, layers and TP size in {1, 2} against Hugging Face."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -52,6 +53,19 @@ def test_two_ranks_give_the_single_rank_logits_and_tokens(tp_pool: TPPool, kind:
     torch.testing.assert_close(tp_pool.run(task), run_task(task, tp_size=1), atol=ATOL, rtol=0)
     task = task_for(kind, 4, overrides, mode="generate", steps=6)
     assert torch.equal(tp_pool.run(task), run_task(task, tp_size=1))
+
+
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_two_compiled_ranks_replaying_graphs_give_the_single_rank_eager_tokens(
+        tp_pool: TPPool, kind: str) -> None:
+    # passes + simulated graphs on each rank: the collectives sit inside replayed pieces, and
+    # batch 3 decodes in the bucket of 4 (a padding row goes through every all-reduce)
+    batch, vocab = 3, 101
+    prompt = random_ids((batch, 4), vocab, 7) if kind == "llama" else torch.full((batch, 1), 2)
+    encoder_ids = random_ids((batch, 5), vocab, 8) if kind == "bart" else None
+    task = TPTask(kind, 6, prompt, torch.empty((batch, 6)), encoder_ids, {}, "compiled-generate")
+    eager = TPTask(kind, 6, prompt, torch.empty((batch, 6)), encoder_ids, {}, "generate")
+    assert torch.equal(tp_pool.run(task), run_task(eager, tp_size=1))
 
 
 def test_tp_graph_holds_one_collective_per_row_parallel_layer_and_embedding() -> None:

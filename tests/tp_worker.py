@@ -16,11 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from compiler import CompileConfig, compile_model
 from models import from_hf
 from runtime import generate
 from tests.model_oracle import build_hf, step_logits
 
 TIMEOUT_S = 120
+SIMULATED_GRAPHS = CompileConfig(device="cpu", capture_sizes=(1, 2, 4), simulate_capture=True,
+                                 debug=True)
 
 
 @dataclass(frozen=True)
@@ -31,17 +34,28 @@ class TPTask:
     continuation: torch.Tensor                  # (batch, steps): logits mode feeds these;
     encoder_ids: torch.Tensor | None = None     # generate mode makes this many new tokens
     overrides: dict[str, Any] = field(default_factory=dict)
-    mode: str = "logits"                        # "logits" | "generate"
+    mode: str = "logits"                        # "logits" | "generate" | "compiled-generate"
 
 
 def run_task(task: TPTask, tp_size: int) -> torch.Tensor:
     """The task's output on this process, with the model sharded over `tp_size` ranks."""
     model = from_hf(build_hf(task.kind, task.seed, **task.overrides), tp_size=tp_size)
-    if task.mode == "generate":
+    if task.mode in ("generate", "compiled-generate"):
+        if task.mode == "compiled-generate":  # passes + simulated graphs, collectives in pieces
+            model = _compiled_with_graphs(model)
         prompt = None if task.kind == "bart" else task.prompt
         return generate(model, prompt, task.continuation.shape[1], task.encoder_ids,
                         ignore_eos=True)
     return step_logits(model, task.prompt, task.continuation, task.encoder_ids)
+
+
+def _compiled_with_graphs(model: torch.nn.Module) -> Any:
+    compiled = compile_model(model, config=SIMULATED_GRAPHS)
+    report = compiled.report
+    if report.captured_sizes != SIMULATED_GRAPHS.capture_sizes or report.pieces < 2:
+        raise RuntimeError(f"expected pieces captured for {SIMULATED_GRAPHS.capture_sizes}, "
+                           f"found {report.pieces} pieces captured for {report.captured_sizes}")
+    return compiled
 
 
 def serve(rank: int, world_size: int, port: int, tasks: list[Any], results: Any) -> None:
