@@ -203,7 +203,8 @@ class Rank:
             "captured_sizes": list(report.captured_sizes),
             "collectives_in_graphs": collectives_in_graphs(compiled)})
         for batch in self.plan.batches:
-            tokens = generate(compiled, self._prompt(model, batch), self.plan.new_tokens)
+            tokens = generate(compiled, self._prompt(model, batch), self.plan.new_tokens,
+                              ignore_eos=True)
             self.reporter.data("tokens", key(variant, tp, dtype_name, batch), tokens.tolist())
             if timed:
                 torch.manual_seed(self.plan.seed + batch)  # the same prompt on every rank
