@@ -18,7 +18,9 @@ child that crashes or overruns `--timeout` seconds on a batch leaves a failed ro
 batch, and a new child goes on with the rest. Rows merge into `--out` (same model, variant and
 batch replaced), so the script can run once per model or per variant group:
 
-    python benchmarks/decode.py --device cuda --models bart-large [--variants ...]
+    python benchmarks/decode.py --device cuda --models bart-large [--variants ...] [--out F]
+                                [--budget SECONDS] [--skip-done] [--timeout SECONDS]
+    python benchmarks/decode.py --device cuda --merge F1 F2 ...   # into --out (default results/)
     python benchmarks/decode.py --table [FILE ...]     # the README table from result JSON
 Weight-read bound: bytes of the weights a step reads / the device's copy bandwidth (a large
 device-to-device copy, read + write bytes); `bound_fraction` = bound / measured step.
@@ -184,7 +186,7 @@ def versions() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> Path:
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"decode-{device_type}.json")
+    out = Path(args.out or _default_out(device_type == "cuda"))
     command = [sys.executable, str(Path(__file__).resolve()), "--device", args.device]
     result = _load_or_new(out, device_type)
     measured = measure_bandwidth(args.device, command, args.timeout)
@@ -208,6 +210,10 @@ def run(args: argparse.Namespace) -> Path:
             _write(out, result)  # after every variant: a later crash of the parent loses nothing
     print(f"wrote {out}")
     return out
+
+
+def _default_out(cuda: bool) -> Path:
+    return ROOT / "benchmarks" / "results" / f"decode-{'cuda' if cuda else 'cpu'}.json"
 
 
 def _load_or_new(out: Path, device_type: str) -> dict[str, Any]:
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip (model, variant, batch) rows already ok in --out")
     parser.add_argument("--table", nargs="*", default=None, metavar="FILE",
                         help="print the README table from result files (default: --out)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                        help="merge result files (say one per GPU command) into --out")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--child-bandwidth", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -260,9 +268,12 @@ def main(argv: list[str] | None = None) -> None:
         print(BANDWIDTH_PREFIX + json.dumps(child_bandwidth(args.device)), flush=True)
     elif args.child:
         child_rows(args.device, *args.child, [int(b) for b in args.batches.split(",")])
+    elif args.merge:
+        out = Path(args.out or _default_out(cuda))
+        out.write_text(report.dump(report.load_results(Path(f).read_text() for f in args.merge)))
+        print(f"wrote {out}")
     elif args.table is not None:
-        files = args.table or [args.out or ROOT / "benchmarks" / "results" /
-                               f"decode-{'cuda' if cuda else 'cpu'}.json"]
+        files = args.table or [args.out or _default_out(cuda)]
         print(report.table(report.load_results(Path(f).read_text() for f in files)))
     else:
         run(args)
