@@ -231,8 +231,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     result.update(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         versions=versions(), dtype="bfloat16" if result["device_type"] == "cuda" else "float32",
-        context_tokens=CONTEXT, warmup_steps=WARMUP_STEPS, timed_steps=TIMED_STEPS,
-        speedup="peer step ms / this row's step ms (> 1: this row is faster)")
+        context_tokens=CONTEXT, warmup_steps=WARMUP_STEPS, timed_steps=TIMED_STEPS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.dump(report.finalize(result)))
 

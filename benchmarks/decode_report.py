@@ -28,6 +28,18 @@ TARGETS = (  # (model, batch, variant, peer, at least this many times faster), f
     ("bart-large", 1, "fxkiln-graphs", "hf-compile", 4.0),
 )
 FINGERPRINT_KEYS = ("first_step_argmax", "first_step_logits")
+NOTES = {  # what the figures of a row mean, written into every result
+    "speedup_over": "peer step ms / this row's step ms (> 1: this row is faster)",
+    "compile_s": "torch.compile variants: the first step's time (compiled afresh per batch); "
+                 "fxkiln: CompileReport.compile_seconds (capture included)",
+    "capture_s": "fxkiln-graphs: CompileReport.capture_seconds; reduce-overhead: the second "
+                 "step's time, the call that records the CUDA graphs",
+    "graph_memory_bytes": "fxkiln-graphs: CompileReport.graph_memory_bytes; reduce-overhead: "
+                          "CUDA reserved-memory growth over compile and warm-up, after prefill",
+    "weight_bytes": "weights one decode step reads (decoder + LM head; not the encoder nor "
+                    "BART's cross-attention K/V projections); weight_read_bound_ms = "
+                    "weight_bytes / copy bandwidth (read + write bytes of a device copy)",
+}
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
@@ -62,7 +74,8 @@ def finalize(result: dict[str, Any]) -> dict[str, Any]:
     Per ok row: `weight_read_bound_ms` and `bound_fraction` (bound / step), `speedup_over`
     (peer step ms / this step ms, for each ok peer row of the same model and batch), and, against
     hf-eager's first decode step, `argmax_agreement` and `max_abs_logit_diff`. hf-eager rows' own
-    first-step fingerprints move to `result["reference"]`; other rows' are dropped.
+    first-step fingerprints move to `result["reference"]`; other rows' are dropped once compared
+    (kept while no reference is there, so that merging the reference in later compares them).
     """
     runs = result.get("copy_bandwidth_runs", [])
     bandwidth = statistics.median(runs) if runs else None
@@ -86,11 +99,12 @@ def finalize(result: dict[str, Any]) -> dict[str, Any]:
                                for peer in PEERS
                                if peer != row["variant"] and (model, peer, batch) in step_ms}
         ref = reference.get(f"{model}|{batch}")
-        if ref is not None and "first_step_argmax" in row:
+        if ref is not None and "first_step_argmax" in row:  # else kept for a later merge
             row.update(agreement(ref, row["first_step_argmax"], row["first_step_logits"]))
-        for key in FINGERPRINT_KEYS:
-            row.pop(key, None)
+            for key in FINGERPRINT_KEYS:
+                row.pop(key)
     result["targets"] = targets(rows)
+    result["notes"] = NOTES
     return result
 
 

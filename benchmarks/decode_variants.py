@@ -15,6 +15,7 @@ forwards take no `cache_position`.
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -243,7 +244,11 @@ def _run_hf(hf: Any, variant: str, made: dict[str, torch.Tensor], device: torch.
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
     step = hf_stepper(hf, variant, made)  # prefilled: the cache is allocated by now
-    reserved_before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+    reserved_before = 0
+    if device.type == "cuda":  # hand back what the last batch's graphs left in the allocator
+        gc.collect()
+        torch.cuda.empty_cache()
+        reserved_before = torch.cuda.memory_reserved(device)
     mark_step = None
     if variant == "hf-compile-reduce-overhead":
         mark_step = torch.compiler.cudagraph_mark_step_begin

@@ -1,4 +1,4 @@
-"""The fxkiln Dynamo backend must not let compile-time graph runs write into the caller's tensors."""
+"""The fxkiln Dynamo backend must not leave compile-time graph runs written into the inputs."""
 from __future__ import annotations
 
 import torch

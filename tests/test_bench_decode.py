@@ -95,6 +95,17 @@ def test_load_results_merges_files() -> None:
     assert merged["rows"][1]["speedup_over"] == {"hf-eager": 3.0}
 
 
+def test_agreement_is_computed_when_the_reference_arrives_in_a_later_merge() -> None:
+    without_reference = report.dump(report.finalize(
+        {"rows": [ok_row("hf-compile", 1, 5.0, argmax=[1, 2, 3, 4])]}))
+    reference = report.dump(report.finalize(
+        {"rows": [ok_row("hf-eager", 1, 9.0, argmax=[1, 2, 3, 5])]}))
+    merged = report.load_results([without_reference, reference])
+    compiled = next(row for row in merged["rows"] if row["variant"] == "hf-compile")
+    assert compiled["argmax_agreement"] == 0.75 and compiled["max_abs_logit_diff"] == 1.0
+    assert "first_step_argmax" not in compiled
+
+
 FAKE_CHILD = textwrap.dedent("""
     import json, sys, time
     args = sys.argv
