@@ -79,7 +79,9 @@ def run(names: list[str], batches: list[int], device: torch.device) -> list[dict
         eager_first = {batch: step_ms(model, model, batch, device) for batch in batches}
         variants: dict[str, Any] = {}
         for label, config in (("passes", CompileConfig(capture_sizes=())),
-                              ("passes+graphs", CompileConfig(capture_sizes=sizes))):
+                              ("passes+graphs", CompileConfig(
+                                  capture_sizes=sizes,
+                                  kv_cache_tokens=max(batches) * (CONTEXT + 1)))):
             compiled = compile_model(model, config=config)
             variants[label] = (compiled, compiled.report)
         for batch in batches:

@@ -45,6 +45,14 @@ class CompiledModel:
         with torch.no_grad():
             return self._run(*args, **kwargs)
 
+    @property
+    def static_decode(self) -> Any:
+        """The runner's `StaticDecodeState` (its KV caches for whole-step decode graphs), or None.
+
+        `runtime.generate` and `DecodeSession` use these caches when they fit, so that decode
+        steps replay as one graph each."""
+        return getattr(self._run, "static_decode", None)
+
     def __repr__(self) -> str:
         return f"CompiledModel({type(self.model).__name__}, {self.report.frontend})"
 
@@ -94,6 +102,7 @@ def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[An
     runner = build_runner(model, gm, inputs, config, device)
     stats = runner.stats
     report.pieces, report.captured_sizes = stats.pieces, stats.captured_sizes
+    report.decode_graph_sizes = stats.decode_graph_sizes
     report.capture_seconds, report.graph_memory_bytes = stats.capture_seconds, stats.graph_memory_bytes
     return CompiledModel(runner, report, config, gm, model)
 
@@ -108,7 +117,7 @@ def build_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
     """
     describe = getattr(model, "capture_spec", None)
     if callable(describe):
-        spec = describe(max(config.capture_sizes))
+        spec = describe(max(config.capture_sizes), config.kv_cache_tokens)
     else:
         token_inputs = tuple(i for i, value in enumerate(inputs)
                              if isinstance(value, torch.Tensor) and value.dim() > 0)
@@ -118,7 +127,7 @@ def build_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
                        splitting_ops=splitting_ops, token_input_indices=spec.token_input_indices,
                        warmup_runs=config.capture_warmup_runs, debug=config.debug,
                        capture_failure=config.capture_failure, simulate=config.simulate_capture,
-                       step_context=spec.step_context)
+                       step_context=spec.step_context, static_decode=spec.static_decode)
 
 
 def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],

@@ -40,6 +40,7 @@ class CompileConfig:
     capture_failure: str = "raise"        # a piece that cannot be captured: "raise" | "eager"
     simulate_capture: bool = False        # replay through the CUDA-graph simulator (any device)
     debug: bool = False                   # check static input addresses at every replay
+    kv_cache_tokens: int = 16384          # slots of the runner's KV cache (decode graphs); 0 = none
 
     def __post_init__(self) -> None:
         if not isinstance(self.kernels, Mapping):
@@ -87,6 +88,10 @@ class CompileConfig:
         if not isinstance(self.capture_warmup_runs, int) or self.capture_warmup_runs < 0:
             raise ValueError(f"capture_warmup_runs: expected an integer >= 0, "
                              f"found {self.capture_warmup_runs!r}")
+        if isinstance(self.kv_cache_tokens, bool) or not isinstance(self.kv_cache_tokens, int) \
+                or self.kv_cache_tokens < 0:
+            raise ValueError(f"kv_cache_tokens: expected an integer >= 0, "
+                             f"found {self.kv_cache_tokens!r}")
         if self.capture_failure not in ("raise", "eager"):
             raise ValueError(f"capture_failure: expected 'raise' or 'eager', "
                              f"found {self.capture_failure!r}")
@@ -105,6 +110,7 @@ class CompileConfig:
             "capture_failure": self.capture_failure,
             "simulate_capture": self.simulate_capture,
             "debug": self.debug,
+            "kv_cache_tokens": self.kv_cache_tokens,
         }
 
     def hash(self) -> str:
@@ -154,6 +160,7 @@ class CompileConfig:
             "CAPTURE_FAILURE": ("capture_failure", str),
             "SIMULATE_CAPTURE": ("simulate_capture", _parse_bool),
             "DEBUG": ("debug", _parse_bool),
+            "KV_CACHE_TOKENS": ("kv_cache_tokens", _parse_count),
         }
         values: dict[str, Any] = {}
         for key, raw in env.items():

@@ -31,6 +31,7 @@ class CompileReport:
     weight_bytes_after: int = 0
     pieces: int = 0
     captured_sizes: tuple[int, ...] = ()
+    decode_graph_sizes: tuple[int, ...] = ()   # sizes whose whole decode step is one graph
     capture_seconds: float = 0.0
     graph_memory_bytes: int = 0
     compile_seconds: float = 0.0
@@ -64,6 +65,8 @@ class CompileReport:
         lines.append(f"  pieces         {self.pieces}; captured sizes: {sizes}; "
                      f"capture {self.capture_seconds:.2f} s, "
                      f"{self.graph_memory_bytes / 2**20:.1f} MiB graph memory")
+        whole = ", ".join(map(str, self.decode_graph_sizes)) or "none"
+        lines.append(f"  decode steps   one graph each at sizes: {whole}")
         return "\n".join(lines)
 
 

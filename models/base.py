@@ -12,6 +12,7 @@ from models.layers.attention import collect_attention_specs
 from runtime.forward_context import set_forward_context
 from runtime.generation import uniform_batch_metadata
 from runtime.kv_cache import AttentionSpec, allocate_kv_caches
+from runtime.static_decode import StaticDecodeState
 from runtime.step_context import CaptureSpec, decode_step_context
 
 
@@ -63,11 +64,14 @@ class ProjectModel(nn.Module):
         return set_forward_context(metadata, caches)
 
 
-    def capture_spec(self, max_tokens: int) -> CaptureSpec:
+    def capture_spec(self, max_tokens: int, kv_cache_tokens: int = 0) -> CaptureSpec:
         """What the graph runner captures: decode steps (one new token per sequence).
 
         Token ids and positions carry the token dimension. Encoder-decoder models capture with
-        no encoder tokens (the encoder runs once, eagerly, at prefill).
+        no encoder tokens (the encoder runs once, eagerly, at prefill). `kv_cache_tokens` > 0:
+        the runner keeps KV caches of that many slots (self- and cross-attention each) and
+        captures whole decode steps over them; sequences are at most min(kv_cache_tokens,
+        max_position_embeddings) long there.
         """
         ids, positions = self.example_inputs(max_tokens)[:2]
         inputs: tuple[torch.Tensor, ...] = (ids, positions)
@@ -76,7 +80,17 @@ class ProjectModel(nn.Module):
             no_tokens = ids.new_empty((0,))
             inputs, encoder_len = (ids, positions, no_tokens, no_tokens), 1
         context = decode_step_context(self, max_tokens, self.device, encoder_len)
-        return CaptureSpec(inputs, token_input_indices=(0, 1), step_context=context)
+        static = None
+        if kv_cache_tokens > 0:
+            max_len = min(kv_cache_tokens,
+                          getattr(self.config, "max_position_embeddings", kv_cache_tokens))
+            encoder_slots = kv_cache_tokens if self.is_encoder_decoder else 0
+            static = StaticDecodeState(
+                self.attention_specs(), self.dtype, self.device, max_seqs=max_tokens,
+                num_slots=kv_cache_tokens, max_len=max_len, num_encoder_slots=encoder_slots,
+                max_encoder_len=max_len if encoder_slots else 0)
+        return CaptureSpec(inputs, token_input_indices=(0, 1), step_context=context,
+                           static_decode=static)
 
 
 def require_config(config: Any, key: str, supported: tuple[Any, ...]) -> Any:

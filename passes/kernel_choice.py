@@ -10,6 +10,7 @@ from torch import fx
 
 from passes.base import GraphPass, PassResult
 from passes.fx_utils import constant_tensor, node_val
+import runtime.attention  # noqa: F401  (registers torch.ops.fxkiln.attention)
 from runtime.ops import DISPATCH_OPS
 from runtime.registry import AUTO, KernelImpl, choose_kernel
 
@@ -21,6 +22,9 @@ MATCHED_TARGETS: dict[Any, str] = {
     for op in DISPATCH_OPS
     for target in (getattr(torch.ops.fxkiln, op), getattr(torch.ops.fxkiln, op).default)
 }
+# The attention op keeps its node (it is the splitting op); the pass writes the implementation
+# it chose into the node's `implementation` argument.
+ATTENTION_TARGETS = frozenset({torch.ops.fxkiln.attention, torch.ops.fxkiln.attention.default})
 # What it writes: call_function(impl.fn, (*op args, *impl launch constants)), same users and meta.
 KERNELS_META_KEY = "fxkiln_kernels"  # gm.meta[KEY]: op name -> chosen implementation name
 
@@ -33,7 +37,11 @@ class KernelChoicePass(GraphPass):
     context (`kernels[op]`, else "auto": the highest-priority implementation that supports the
     device and the node's dtype), and writes a call of that implementation with its launch
     constants (block sizes, warps; eps stays the constant it was) into the graph. The rewritten
-    graph holds no dispatch op and reads no settings at run time. Choices are recorded in
+    graph holds no dispatch op and reads no settings at run time. The attention op is the one
+    exception to the rewrite: it must stay in the graph (the runtime splits there), so the pass
+    writes the chosen implementation's name into its `implementation` argument instead, e.g.
+        torch.ops.fxkiln.attention(q, k, v, out, 'layers.0.attn', 'triton')
+    Choices are recorded in
     `gm.meta["fxkiln_kernels"]` (op name -> implementation name) for the report.
 
     Before (the golden test's graph):
@@ -57,7 +65,15 @@ class KernelChoicePass(GraphPass):
             op = self.applies(node)
             if op is None:
                 continue
-            impl = self._choose(node, op)
+            if op == "attention":  # the splitting op stays; the choice becomes its argument
+                impl = self._choose(node.args[0].meta["val"] if isinstance(node.args[0], fx.Node)
+                                    else None, node, op)
+                node.args = (*_positional_args(node, op)[:5], impl.name)
+                node.kwargs = {}
+                chosen.setdefault(op, set()).add(impl.name)
+                matches += 1
+                continue
+            impl = self._choose(node_val(node), node, op)
             args = _positional_args(node, op)
             constants = _launch_constants(gm, node, impl, args)
             with gm.graph.inserting_before(node):
@@ -81,12 +97,13 @@ class KernelChoicePass(GraphPass):
         if node.op != "call_function":
             return None
         try:
+            if node.target in ATTENTION_TARGETS:
+                return "attention"
             return MATCHED_TARGETS.get(node.target)
         except TypeError:  # an unhashable target is no dispatch op
             return None
 
-    def _choose(self, node: fx.Node, op: str) -> KernelImpl:
-        value = node_val(node)
+    def _choose(self, value: Any, node: fx.Node, op: str) -> KernelImpl:
         example = value[0] if isinstance(value, (tuple, list)) and value else value
         if not isinstance(example, torch.Tensor):
             raise ValueError(f"kernel_choice: expected node.meta['val'] to hold the output tensor "

@@ -16,40 +16,69 @@ only on steps that carry encoder tokens (`num_actual_encoder_tokens > 0`); on de
 have no real rows and the op reads the cached K/V. Rows past the step's real tokens (padding
 added by a runner) are neither computed nor cached; the op writes zeros there.
 
-There is one implementation, `native_attention` (torch SDPA: one call for a decode step's whole
-batch, one call per sequence otherwise). Faster
-kernels plug in later as further implementations of the same op.
+Implementations are registered as the dispatch op "attention" and chosen from the active kernel
+settings ("auto": the highest priority the device supports):
+- "native" (`native_attention`): torch SDPA, one call for a decode step's whole batch (over K/V
+  gathered from the cache), one call per sequence otherwise. It reads host-side lengths, so it
+  cannot serve a captured decode step.
+- "triton" (`triton_attention`): on decode steps, two Triton kernels that read the layout from
+  device tensors only (a cache write and a slot-table decode attention, GQA without copies), so
+  a CUDA graph can hold them (`AttentionMetadata.static_decode`); other steps go to native.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from runtime import registry, settings
 from runtime.forward_context import AttentionMetadata, get_forward_context
+from runtime.kernels import triton_kernels
 from runtime.kv_cache import AttentionKind, LayerKVCache
+
+try:
+    from runtime.kernels import attention_jit
+except ModuleNotFoundError as missing:  # Triton absent: native attention only
+    if missing.name is None or not missing.name.startswith("triton"):
+        raise
+    attention_jit = None  # type: ignore[assignment]
+
+
+class GraphUnsafeAttentionError(RuntimeError):
+    """A captured (static) decode step met an attention implementation that reads host values."""
 
 
 @torch.library.custom_op("fxkiln::attention", mutates_args=("output",))
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-              layer_name: str) -> None:
+              layer_name: str, implementation: str = "auto") -> None:
+    """`implementation` "auto" reads the active kernel settings on every call (the eager path);
+    the kernel_choice pass writes the chosen name into compiled graphs instead."""
     context = get_forward_context()
     try:
         cache = context.kv_caches[layer_name]
     except KeyError:
         raise LookupError(f"attention layer {layer_name!r} has no entry in the forward context's "
                        f"kv_caches; expected one of {sorted(context.kv_caches)}") from None
-    native_attention(query, key, value, output, cache, context.attn_metadata)
+    fn = _IMPLEMENTATIONS.get(implementation)
+    if fn is None:
+        fn = registry.choose_kernel("attention", settings.active_kernel_choice("attention")
+                                    if implementation == registry.AUTO else implementation,
+                                    query.device, query.dtype).fn
+    fn(query, key, value, output, cache, context.attn_metadata)
 
 
 @attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-      layer_name: str) -> None:
+      layer_name: str, implementation: str = "auto") -> None:
     return None
 
 
 def native_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
     """Reference implementation: write K/V to the cache, then SDPA per sequence into `output`."""
+    if meta.static_decode:
+        raise GraphUnsafeAttentionError(
+            "a captured decode step needs attention that reads its layout from device tensors; "
+            "found the native implementation, which reads host lengths (choose 'triton')")
     spec = cache.spec
     if spec.kind is AttentionKind.ENCODER:
         num_queries, starts = meta.num_actual_encoder_tokens, meta.encoder_query_start_loc
@@ -139,3 +168,80 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
     )  # (heads, new, hd)
     out.copy_(result.transpose(0, 1).reshape(num_new, -1))
+
+
+def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
+    """Decode steps through the Triton kernels (graph-safe); any other step through native."""
+    spec = cache.spec
+    decode_step = meta.static_decode or (meta.is_decode and meta.num_actual_encoder_tokens == 0
+                                         and meta.num_seqs > 0)
+    if spec.kind is AttentionKind.ENCODER and meta.static_decode:
+        output.zero_()  # a decode step brings no encoder tokens: these rows are all padding
+        return
+    if spec.kind is AttentionKind.ENCODER or not decode_step:
+        native_attention(query, key, value, output, cache, meta)
+        return
+    assert cache.key is not None and cache.value is not None
+    rows = query.shape[0] if meta.static_decode else meta.num_seqs  # static: every row
+    if spec.kind is AttentionKind.DECODER:
+        slots = meta.slot_mapping
+        _launch_write_kv(cache, key, value, slots if meta.static_decode else slots[:rows])
+        tables, lengths = meta.slot_tables, meta.seq_lens_tensor
+    else:
+        tables, lengths = meta.encoder_slot_tables, meta.encoder_seq_lens_tensor
+    assert tables is not None and lengths is not None
+    if not meta.static_decode:
+        output[rows:].zero_()  # padding rows
+    _launch_decode(query, output, cache, tables, lengths, rows)
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """`x` as (rows, features) with a contiguous last dimension (a view when it already is)."""
+    x = x.reshape(x.shape[0], -1)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch_write_kv(cache: LayerKVCache, key: torch.Tensor, value: torch.Tensor,
+                     slots: torch.Tensor) -> None:
+    assert cache.key is not None and cache.value is not None
+    rows = slots.shape[0]
+    if rows == 0:
+        return
+    key, value = _rows_contiguous(key[:rows]), _rows_contiguous(value[:rows])
+    row = cache.key.shape[1] * cache.key.shape[2]
+    attention_jit.write_kv_kernel[(rows,)](
+        cache.key, cache.value, key, value, slots, slots.stride(0), key.stride(0), value.stride(0),
+        ROW=row, BLOCK=triton_kernels._next_power_of_2(row))
+
+
+def _launch_decode(query: torch.Tensor, output: torch.Tensor, cache: LayerKVCache,
+                   tables: torch.Tensor, lengths: torch.Tensor, rows: int) -> None:
+    assert cache.key is not None and cache.value is not None
+    spec = cache.spec
+    if rows == 0:
+        return
+    query, out = _rows_contiguous(query[:rows]), output[:rows]
+    if out.stride(-1) != 1:
+        raise ValueError(f"attention output: expected a contiguous last dimension, found "
+                         f"strides {tuple(output.stride())}")
+    tables = tables if tables.stride(1) == 1 else tables.contiguous()
+    lengths = lengths if lengths.stride(0) == 1 else lengths.contiguous()
+    head_block = triton_kernels._next_power_of_2(spec.head_size)
+    attention_jit.decode_attention_kernel[(rows, spec.num_heads)](
+        out, query, cache.key, cache.value, tables, lengths, query.stride(0), out.stride(0),
+        tables.stride(0), spec.scale, GROUP=spec.num_heads // spec.num_kv_heads,
+        HEAD_SIZE=spec.head_size, KV_ROW=spec.num_kv_heads * spec.head_size,
+        BLOCK_D=head_block, BLOCK_N=max(16, min(64, 8192 // head_block)), num_warps=4)
+
+
+def _native_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return True
+
+
+registry.register_kernel("attention", "native", supports=_native_supports)(native_attention)
+_IMPLEMENTATIONS = {"native": native_attention}  # a name baked into a graph: no lookup per call
+if attention_jit is not None:
+    registry.register_kernel("attention", "triton", supports=triton_kernels.supports,
+                             priority=triton_kernels.priority)(triton_attention)
+    _IMPLEMENTATIONS["triton"] = triton_attention

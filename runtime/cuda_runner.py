@@ -94,7 +94,7 @@ class CUDARunner(ModelRunnerBase):
         finally:
             torch.cuda.set_sync_debug_mode(previous)
 
-    def capture_graph(self, piece: Piece, args: Sequence[Any], run: Callable[..., Any],
+    def capture_graph(self, piece: Piece | None, args: Sequence[Any], run: Callable[..., Any],
                       is_last: bool) -> tuple[CapturedGraph, Any]:
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(pool=self._pool)

@@ -38,6 +38,13 @@ class AttentionMetadata:
       encoder_slot_mapping: (num_actual_encoder_tokens,) cross-attention cache slot of each
         encoder token of this step.
       encoder_slot_tables: (num_seqs, max_encoder_len) cross-attention slot of each encoder position.
+    Device copies of the lengths (int32; built from the tuples when not given), which kernels
+    that must not read host values use:
+      seq_lens_tensor: (num_seqs,) and encoder_seq_lens_tensor: (num_seqs,).
+    static_decode: the layout lives in static device buffers that a graph reads (a captured
+      decode step): every row is one sequence's new token, and a padding row has slot -1 and
+      length 0 in the tensors, whatever the host tuples say. Attention must then read the
+      tensors only (the host tuples describe the capture, not the replayed steps).
     """
 
     query_start_loc: tuple[int, ...]
@@ -48,9 +55,18 @@ class AttentionMetadata:
     encoder_seq_lens: tuple[int, ...] | None = None
     encoder_slot_mapping: torch.Tensor | None = None
     encoder_slot_tables: torch.Tensor | None = None
+    seq_lens_tensor: torch.Tensor | None = None
+    encoder_seq_lens_tensor: torch.Tensor | None = None
+    static_decode: bool = False
 
     def __post_init__(self) -> None:
         num_seqs = len(self.seq_lens)
+        if self.seq_lens_tensor is None:
+            object.__setattr__(self, "seq_lens_tensor",
+                               _device_lengths(self.seq_lens, self.slot_tables.device))
+        if self.encoder_seq_lens is not None and self.encoder_seq_lens_tensor is None:
+            object.__setattr__(self, "encoder_seq_lens_tensor",
+                               _device_lengths(self.encoder_seq_lens, self.slot_tables.device))
         _check_offsets("query_start_loc", self.query_start_loc, num_seqs)
         for i, (query_len, seq_len) in enumerate(zip(self.query_lens, self.seq_lens)):
             if query_len > seq_len:
@@ -120,6 +136,11 @@ def set_forward_context(attn_metadata: AttentionMetadata,
         _FORWARD_CONTEXT.reset(token)
 
 
+def peek_forward_context() -> ForwardContext | None:
+    """The active forward context, or None outside `set_forward_context`."""
+    return _FORWARD_CONTEXT.get()
+
+
 def get_forward_context() -> ForwardContext:
     """The active forward context; RuntimeError outside `set_forward_context`."""
     context = _FORWARD_CONTEXT.get()
@@ -127,6 +148,12 @@ def get_forward_context() -> ForwardContext:
         raise RuntimeError("an attention op ran outside set_forward_context(...): expected per-step "
                            "attention metadata and KV caches, found none")
     return context
+
+
+def _device_lengths(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`lengths` as an int32 tensor on `device`, copied without blocking the host."""
+    host = torch.tensor(lengths, dtype=torch.int32, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 def _check_offsets(name: str, offsets: tuple[int, ...], num_seqs: int) -> None:

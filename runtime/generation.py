@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import weakref
+
 import torch
 
 from runtime.forward_context import AttentionMetadata, set_forward_context
-from runtime.kv_cache import AttentionSpec, allocate_kv_caches
+from runtime.kv_cache import AttentionSpec, LayerKVCache, allocate_kv_caches
 
 
 @runtime_checkable
@@ -91,9 +93,9 @@ class DecodeSession:
         self.max_len = prompt_len + max_new_tokens
         self.device = torch.device(device)
         self.context_len = 0
-        self.kv_caches = allocate_kv_caches(spec_model.attention_specs(), batch * self.max_len,
-                                            batch * (encoder_len or 0), spec_model.dtype,
-                                            self.device)
+        self.kv_caches = _session_caches(self, model, spec_model, batch * self.max_len,
+                                         self.max_len, batch * (encoder_len or 0),
+                                         encoder_len or 0, self.device)
 
     def prefill(self, input_ids: torch.Tensor, encoder_input_ids: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -125,6 +127,21 @@ class DecodeSession:
                                           self.device, self.encoder_len, encoder_tokens)
         with set_forward_context(metadata, self.kv_caches):
             return self.model(tokens, positions, *encoder_inputs)  # (tokens, vocab)
+
+
+def _session_caches(session: object, model: Any, spec_model: GenerationModel, num_slots: int,
+                    max_len: int, num_encoder_slots: int, max_encoder_len: int,
+                    device: torch.device) -> dict[str, LayerKVCache]:
+    """The compiled model's own KV caches (`model.static_decode`, leased to `session` until it
+    is garbage) when they are free and large enough, so decode steps replay as whole graphs;
+    else fresh caches."""
+    state = getattr(model, "static_decode", None)
+    if state is not None and state.fits(num_slots, max_len, num_encoder_slots, max_encoder_len,
+                                        spec_model.dtype, device) and state.acquire():
+        weakref.finalize(session, state.release)
+        return state.kv_caches
+    return allocate_kv_caches(spec_model.attention_specs(), num_slots, num_encoder_slots,
+                              spec_model.dtype, device)
 
 
 @torch.no_grad()

@@ -110,7 +110,7 @@ class ReplaySimulatorRunner(ModelRunnerBase):
             x.data_ptr() for i, x in enumerate(self._inputs.example_inputs)
             if isinstance(x, torch.Tensor) and x.dim() == 0 and not self._inputs.is_token_input(i))
 
-    def capture_graph(self, piece: Piece, args: Sequence[Any], run: Callable[..., Any],
+    def capture_graph(self, piece: Piece | None, args: Sequence[Any], run: Callable[..., Any],
                       is_last: bool) -> tuple[CapturedGraph, Any]:
         with HostSyncGuard(self._host_scalars):
             outputs = run(*args)
@@ -120,7 +120,7 @@ class ReplaySimulatorRunner(ModelRunnerBase):
                 (self._state.bucket, leaf) for leaf in pytree.tree_leaves(outputs)
                 if isinstance(leaf, torch.Tensor)
                 and leaf.untyped_storage().data_ptr() not in inputs)
-        return SimulatedGraph(piece.graph_module, args, outputs), outputs
+        return SimulatedGraph(run, args, outputs), outputs
 
     def _fill_padding(self, padding: torch.Tensor) -> None:
         if padding.is_floating_point() or padding.is_complex():

@@ -9,6 +9,14 @@ inputs as given, with one warning per runner. So does a call whose non-token, no
 inputs differ in shape from the example inputs (an encoder-decoder prefill step when the graphs
 were captured for decode steps).
 
+Whole decode steps: given a `StaticDecodeState` (KV caches and layout buffers that stay put), the
+runner also captures, per bucket, the entire forward (attention included) as one graph, with
+the attention ops reading their layout from the state's buffers. A call made inside a forward
+context that uses the state's caches, for a pure decode step that fits the buffers, loads the
+step's layout into them and replays that one graph; any other call replays the pieces. If the
+whole step cannot be captured (an attention implementation that reads host values), decode
+steps stay piecewise, with one warning.
+
 Device subclasses supply `capture_graph()`, `_cache_device_properties()` and
 `memory_profiler()`. Graph use is off in the base class (`uses_graphs = False`), which is the
 plain CPU runner: it runs the split module directly, without buckets.
@@ -40,10 +48,12 @@ from torch import fx
 from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
+from runtime.forward_context import peek_forward_context
 from runtime.memory import DeviceMemoryProfiler
 from runtime.piece_runner import (CapturedGraph, Mode, PieceRunner, RunState,
                                   install_piece_runners)
 from runtime.split import DEFAULT_SPLITTING_OPS, Piece, split_graph
+from runtime.static_decode import StaticDecodeState
 from runtime.static_inputs import StaticInputs
 
 logger = logging.getLogger(__name__)
@@ -61,6 +71,7 @@ class RunnerStats:
     capture_seconds: float
     graph_memory_bytes: int
     graphs: int = 0                       # captured (piece, size) graphs
+    decode_graph_sizes: tuple[int, ...] = ()  # sizes with a whole-decode-step graph
     eager_pieces: tuple[str, ...] = ()    # pieces that run eagerly at every size
 
 
@@ -84,7 +95,8 @@ class ModelRunnerBase:
                  splitting_ops: Sequence[Any] = DEFAULT_SPLITTING_OPS,
                  token_input_indices: Sequence[int] = (), warmup_runs: int = 1,
                  debug: bool = False, capture_failure: str = "raise",
-                 step_context: StepContext | None = None) -> None:
+                 step_context: StepContext | None = None,
+                 static_decode: StaticDecodeState | None = None) -> None:
         if capture_failure not in CAPTURE_FAILURE_CHOICES:
             raise ValueError(f"capture_failure: expected one of {CAPTURE_FAILURE_CHOICES}, "
                              f"found {capture_failure!r}")
@@ -98,6 +110,8 @@ class ModelRunnerBase:
         self.capture_failure = capture_failure
         self.warmup_runs = warmup_runs
         self.step_context = step_context
+        self.static_decode = static_decode if self.uses_graphs else None
+        self._decode_graphs: dict[int, CapturedGraph] = {}
         self.capture_sizes = tuple(sorted(set(sizes))) if self.uses_graphs else ()
         self.device_properties = self._cache_device_properties()
         self.split = split_graph(gm, splitting_ops)
@@ -126,11 +140,11 @@ class ModelRunnerBase:
     def memory_profiler(self) -> DeviceMemoryProfiler:
         return DeviceMemoryProfiler(self.device)
 
-    def capture_graph(self, piece: Piece, args: Sequence[Any], run: Callable[..., Any],
+    def capture_graph(self, piece: Piece | None, args: Sequence[Any], run: Callable[..., Any],
                       is_last: bool) -> tuple[CapturedGraph, Any]:
         """Capture `run(*args)` as a graph; returns (graph, outputs of the capture run).
 
-        `graph.outputs` is what replays return; the capture run's outputs feed the next pieces
+        `piece` is None for a whole decode step. `graph.outputs` is what replays return; the capture run's outputs feed the next pieces
         of the capture forward and must hold real values (replay once if capture only records).
         """
         raise NotImplementedError(f"{type(self).__name__} does not capture graphs "
@@ -162,14 +176,18 @@ class ModelRunnerBase:
             sizes = sorted(self.capture_sizes, reverse=True)
             for bucket in tqdm(sizes, desc="capturing graphs", unit="size", disable=None):
                 leading_dims[bucket] = self._capture_bucket(bucket)
+            for bucket in sizes if self.static_decode is not None else ():
+                if not self._capture_decode_step(bucket):
+                    break
         self._token_outputs = tuple(all(dims[i] == b for b, dims in leading_dims.items())
                                     for i in range(len(leading_dims[sizes[0]])))
         seconds = time.perf_counter() - start
-        graphs = sum(len(p.entries) for p in self.piece_runners)
+        graphs = sum(len(p.entries) for p in self.piece_runners) + len(self._decode_graphs)
         self.stats = RunnerStats(
             pieces=len(self.split.pieces), captured_sizes=self.capture_sizes,
             capture_seconds=seconds, graph_memory_bytes=profiler.consumed_bytes,
-            graphs=graphs, eager_pieces=self._eager_pieces())
+            graphs=graphs, eager_pieces=self._eager_pieces(),
+            decode_graph_sizes=tuple(sorted(self._decode_graphs)))
         logger.info("captured %d graphs for %d sizes in %.2f s, %.2f GiB", graphs,
                     len(self.capture_sizes), seconds, profiler.consumed_bytes / 2**30)
         return self.stats
@@ -182,6 +200,40 @@ class ModelRunnerBase:
             outputs = self._run(Mode.CAPTURE, bucket, args)
         return [leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else None
                 for leaf in pytree.tree_leaves(outputs)]
+
+    def _capture_decode_step(self, bucket: int) -> bool:
+        """Capture the whole forward for `bucket` decode rows; False (warned) if it cannot be."""
+        assert self.static_decode is not None
+        args = self._inputs.capture_args(bucket)
+
+        def forward(*inputs: Any) -> Any:
+            return self._run(Mode.EAGER, 0, inputs)
+
+        try:
+            with self.static_decode.capture_context(bucket):
+                for _ in range(self.warmup_runs):
+                    with self.refuse_host_sync():
+                        forward(*args)
+                graph, _ = self.capture_graph(None, args, forward, is_last=True)
+        except Exception as error:  # noqa: BLE001  (reported; decode stays piecewise)
+            logger.warning("decode steps replay piecewise: a whole decode step of %d tokens "
+                           "could not be captured: %s: %s", bucket, type(error).__name__, error)
+            return False
+        self._decode_graphs[bucket] = graph
+        return True
+
+    def _decode_graph(self, bucket: int) -> CapturedGraph | None:
+        """The whole-step graph for this call, its layout loaded; None if the call cannot use it."""
+        graph = self._decode_graphs.get(bucket)
+        if graph is None:
+            return None
+        context = peek_forward_context()
+        state = self.static_decode
+        if context is None or state is None or context.kv_caches is not state.kv_caches \
+                or not state.accepts(context.attn_metadata, bucket):
+            return None
+        state.load(context.attn_metadata, bucket)
+        return graph
 
     def _step(self, bucket: int) -> AbstractContextManager[Any]:
         return self.step_context(bucket) if self.step_context is not None else nullcontext()
@@ -215,6 +267,10 @@ class ModelRunnerBase:
         with torch.no_grad():
             args = self._inputs.stage(inputs, num_tokens, bucket, self._fill_padding)
             self._before_replay(bucket)
+            decode_graph = self._decode_graph(bucket)
+            if decode_graph is not None:
+                decode_graph.replay()
+                return self._finish(decode_graph.outputs, num_tokens, bucket)
             outputs = self._run(Mode.REPLAY, bucket, args)
             return self._finish(outputs, num_tokens, bucket)
 
@@ -267,13 +323,15 @@ def make_runner(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                 splitting_ops: Sequence[Any] = DEFAULT_SPLITTING_OPS,
                 token_input_indices: Sequence[int], warmup_runs: int = 1, debug: bool = False,
                 capture_failure: str = "raise", simulate: bool = False,
-                step_context: StepContext | None = None) -> ModelRunnerBase:
+                step_context: StepContext | None = None,
+                static_decode: StaticDecodeState | None = None) -> ModelRunnerBase:
     """Build the runner for `device` and capture its graphs.
 
     `simulate=True`: the replay simulator (CUDA-graph buffer semantics with eager kernels) on
     any device. Else CUDA devices get the CUDA-graph runner and CPU the plain runner.
     `step_context(num_tokens)`: a context manager entered around each warm-up and capture
     forward (set the per-step attention metadata there); calls need it set by the caller.
+    `static_decode`: capture whole decode steps too, reading that state (module docstring).
     """
     device = torch.device(device)
     runner_class: type[ModelRunnerBase]
@@ -288,6 +346,6 @@ def make_runner(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     runner = runner_class(gm, example_inputs, device=device, capture_sizes=capture_sizes,
                           splitting_ops=splitting_ops, token_input_indices=token_input_indices,
                           warmup_runs=warmup_runs, debug=debug, capture_failure=capture_failure,
-                          step_context=step_context)
+                          step_context=step_context, static_decode=static_decode)
     runner.capture()
     return runner

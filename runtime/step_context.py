@@ -18,6 +18,7 @@ import torch
 from runtime.forward_context import set_forward_context
 from runtime.generation import find_generation_model, uniform_batch_metadata
 from runtime.kv_cache import allocate_kv_caches
+from runtime.static_decode import StaticDecodeState
 
 CONTEXT_LEN = 2  # positions per capture sequence: the new token and one before it
 
@@ -58,3 +59,5 @@ class CaptureSpec:
     example_inputs: tuple[Any, ...]
     token_input_indices: tuple[int, ...]
     step_context: Callable[[int], AbstractContextManager[Any]] | None = None
+    # KV caches and layout buffers for capturing whole decode steps (attention included)
+    static_decode: StaticDecodeState | None = None

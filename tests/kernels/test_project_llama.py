@@ -38,10 +38,11 @@ def test_project_llama_with_triton_norms_generates_eager_tokens(
     gm = trace(model)
     fake_propagate(gm, model.example_inputs(8))
     result = choose_kernels(gm, {"rms_norm": "triton", "fused_add_rms_norm": "triton"})
-    assert result.matches == 4 * layers + 1  # per layer 2 norms, rotary, silu; final norm
+    assert result.matches == 5 * layers + 1  # per layer 2 norms, rotary, silu, attention; norm
     assert count_targets(gm, set(MATCHED_TARGETS)) == 0
     assert chosen_kernels(gm) == {"rms_norm": "triton", "fused_add_rms_norm": "triton",
-                                  "rotary_embedding": "native", "silu_and_mul": "native"}
+                                  "rotary_embedding": "native", "silu_and_mul": "native",
+                                  "attention": "native"}
     prompt = random_ids((2, 4), model.config.vocab_size, seed=5)
     expected = generate(model, prompt, max_new_tokens=3)
     monkeypatch.setattr(settings, "active_kernel_choice", _refuse)

@@ -1,0 +1,93 @@
+"""Whole decode steps as one (simulated) graph: the runner's own KV caches and layout buffers,
+graph-safe Triton attention (interpreted on CPU), eager's tokens at every batch."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler import CompileConfig, compile_model
+from models import from_hf
+from runtime import attention, generate
+from runtime.generation import DecodeSession
+from runtime.kernels import triton_kernels
+from tests.model_oracle import build_hf, random_ids
+
+pytestmark = pytest.mark.skipif(
+    attention.attention_jit is None or not triton_kernels.supports(torch.device("cpu"),
+                                                                   torch.float32),
+    reason="needs Triton (interpreted on CPU)")
+
+WHOLE = CompileConfig(device="cpu", capture_sizes=(1, 2, 4, 8), simulate_capture=True,
+                      debug=True, kernels={"attention": "triton"}, kv_cache_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[torch.nn.Module, object]:
+    model = from_hf(build_hf("llama", seed=21, num_key_value_heads=2))
+    return model, compile_model(model, config=WHOLE)
+
+
+@pytest.fixture(scope="module")
+def bart() -> tuple[torch.nn.Module, object]:
+    model = from_hf(build_hf("bart", seed=22))
+    return model, compile_model(model, config=WHOLE)
+
+
+@pytest.mark.parametrize("batch", [3, 5, 9])
+def test_llama_decode_steps_replay_one_graph_each(llama, replays: list, batch: int) -> None:
+    model, compiled = llama
+    assert compiled.report.decode_graph_sizes == (1, 2, 4, 8)
+    prompt = random_ids((batch, 4), model.config.vocab_size, seed=batch)
+    before = len(replays)
+    tokens = generate(compiled, prompt, 6)
+    assert torch.equal(tokens, generate(model, prompt, 6))
+    # five decode steps; a step within the buckets is one replay, past them none
+    assert len(replays) - before == (5 if batch <= 8 else 0)
+
+
+@pytest.mark.parametrize("batch", [3, 9])
+def test_bart_decode_steps_replay_one_graph_each(bart, replays: list, batch: int) -> None:
+    model, compiled = bart
+    source = random_ids((batch, 7), model.config.vocab_size, seed=batch)
+    before = len(replays)
+    tokens = generate(compiled, None, 5, encoder_input_ids=source)
+    assert torch.equal(tokens, generate(model, None, 5, encoder_input_ids=source))
+    assert len(replays) - before == (4 if batch <= 8 else 0)
+
+
+@settings(max_examples=8)
+@given(batches=st.lists(st.integers(1, 8), min_size=2, max_size=4), seed=st.integers(0, 99))
+def test_interleaved_sessions_of_any_size(llama, batches: list[int], seed: int) -> None:
+    """Sessions of random sizes, one after another, each through the same caches and buffers:
+    stale layout rows from a larger earlier step never leak into a smaller one."""
+    model, compiled = llama
+    for i, batch in enumerate(batches):
+        prompt = random_ids((batch, 3), model.config.vocab_size, seed=seed + i)
+        assert torch.equal(generate(compiled, prompt, 4), generate(model, prompt, 4))
+
+
+def test_a_second_live_session_gets_its_own_caches(llama) -> None:
+    model, compiled = llama
+    first = DecodeSession(compiled, 2, 3, 4)
+    second = DecodeSession(compiled, 2, 3, 4)
+    assert first.kv_caches is compiled.static_decode.kv_caches
+    assert second.kv_caches is not first.kv_caches  # the runner's caches are leased to one
+    del first
+    third = DecodeSession(compiled, 2, 3, 4)
+    assert third.kv_caches is compiled.static_decode.kv_caches  # released with its session
+
+
+def test_native_attention_keeps_decode_piecewise(caplog: pytest.LogCaptureFixture) -> None:
+    model = from_hf(build_hf("llama", seed=23))
+    config = CompileConfig(device="cpu", capture_sizes=(1, 2), simulate_capture=True,
+                           kernels={"attention": "native"}, kv_cache_tokens=64)
+    with caplog.at_level(logging.WARNING):
+        compiled = compile_model(model, config=config)
+    assert compiled.report.decode_graph_sizes == ()
+    assert "could not be captured" in caplog.text and "choose 'triton'" in caplog.text
+    prompt = random_ids((2, 3), model.config.vocab_size, seed=1)
+    assert torch.equal(generate(compiled, prompt, 4), generate(model, prompt, 4))
