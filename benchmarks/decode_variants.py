@@ -172,8 +172,11 @@ def hf_stepper(hf: Any, variant: str, made: dict[str, torch.Tensor]
 
 
 def our_stepper(step_model: Any, spec_model: Any, batch: int, made: dict[str, torch.Tensor],
-                device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Prefill our (eager or compiled) model through DecodeSession; return its decode step."""
+                device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
+    """Prefill our (eager or compiled) model through DecodeSession; return its decode step and
+    whether the session runs on the compiled runner's own caches (whole-step decode graphs).
+
+    The session leases those caches until it is garbage: drop the step before the next one."""
     from runtime.generation import DecodeSession
 
     prompt_len = made["prompt"].shape[1]
@@ -182,7 +185,8 @@ def our_stepper(step_model: Any, spec_model: Any, batch: int, made: dict[str, to
                             device)
     source = made["source"] if encoder_len else None
     session.prefill(made["prompt"], source)  # logits (batch, prompt_len, vocab), dropped
-    return session.decode
+    state = getattr(step_model, "static_decode", None)
+    return session.decode, state is not None and session.kv_caches is state.kv_caches
 
 
 def run_variant(model_name: str, variant: str, batches: list[int], device: torch.device
@@ -206,9 +210,12 @@ def run_variant(model_name: str, variant: str, batches: list[int], device: torch
         row = {**base, "batch": batch, "weight_bytes": weights, "kv_read_bytes": kv_bytes[batch]}
         with torch.no_grad():
             if ours:
-                step = our_stepper(ours["step_model"], ours["model"], batch, made, device)
+                step, whole_steps = our_stepper(ours["step_model"], ours["model"], batch, made,
+                                                device)
                 timing = time_steps(step, made["first_tokens"], device)
-                row.update(ours["figures"])
+                row.update(ours["figures"], runner_kv_caches=whole_steps)
+                del step  # releases the runner's caches for the next batch's session
+                gc.collect()
             else:
                 row.update(_run_hf(hf, variant, made, device))
                 timing = row.pop("timing")
@@ -225,10 +232,13 @@ def _compile_ours(model: Any, variant: str, batches: list[int]) -> dict[str, Any
         return {"model": model, "step_model": model,
                 "figures": {"compile_s": None, "capture_s": None, "graph_memory_bytes": None}}
     sizes = tuple(sorted({1, 2, 4, 8, 16, 32, *batches})) if variant == "fxkiln-graphs" else ()
-    compiled = compile_model(model, config=CompileConfig(capture_sizes=sizes))
+    # the runner's KV caches hold the largest batch at the full context: whole-step graphs
+    config = CompileConfig(capture_sizes=sizes, kv_cache_tokens=max(batches) * (CONTEXT + 1))
+    compiled = compile_model(model, config=config)
     report = compiled.report
     captured = bool(report.captured_sizes)  # none on CPU: the pieces run eagerly there
     figures = {"compile_s": report.compile_seconds, "capture_sizes": list(report.captured_sizes),
+               "decode_graph_sizes": list(report.decode_graph_sizes),
                "capture_s": report.capture_seconds if captured else None,
                "graph_memory_bytes": report.graph_memory_bytes if captured else None}
     return {"model": model, "step_model": compiled, "figures": figures}
