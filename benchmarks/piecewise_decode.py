@@ -41,9 +41,11 @@ def build(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Modul
     return model
 
 
-def step_ms(step_model: Any, spec_model: Any, batch: int, device: torch.device) -> float:
-    """Median wall time of one decode step (one token per sequence) in milliseconds."""
-    steps = WARMUP_STEPS + TIMED_STEPS
+def prefilled_session(step_model: Any, spec_model: Any, batch: int, device: torch.device,
+                      steps: int) -> tuple[DecodeSession, torch.Tensor]:
+    """A session prefilled with random prompts of CONTEXT - steps tokens (and CONTEXT encoder
+    tokens for encoder-decoder models), with room for `steps` decode steps; and the tokens
+    the prefill chose, which the first decode step takes."""
     prompt_len = CONTEXT - steps
     encoder_len = CONTEXT if spec_model.is_encoder_decoder else None
     session = DecodeSession(step_model, batch, prompt_len, steps + 1, encoder_len, device)
@@ -51,7 +53,14 @@ def step_ms(step_model: Any, spec_model: Any, batch: int, device: torch.device) 
     prompt = torch.randint(3, vocab, (batch, prompt_len), device=device)
     source = torch.randint(3, vocab, (batch, CONTEXT), device=device) if encoder_len else None
     with torch.no_grad():
-        tokens = session.prefill(prompt, source)[:, -1].argmax(-1)
+        return session, session.prefill(prompt, source)[:, -1].argmax(-1)
+
+
+def step_ms(step_model: Any, spec_model: Any, batch: int, device: torch.device) -> float:
+    """Median wall time of one decode step (one token per sequence) in milliseconds."""
+    steps = WARMUP_STEPS + TIMED_STEPS
+    session, tokens = prefilled_session(step_model, spec_model, batch, device, steps)
+    with torch.no_grad():
         times = []
         for step in range(steps):
             _sync(device)

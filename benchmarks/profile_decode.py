@@ -38,9 +38,10 @@ from models import from_hf  # noqa: E402
 from models.presets import TINY_OF, hf_model  # noqa: E402
 from runtime import generation, runner as runner_module  # noqa: E402
 from runtime.generation import DecodeSession  # noqa: E402
+from piecewise_decode import CONTEXT, _sync, prefilled_session  # noqa: E402  (one session setup)
 from runtime.piece_runner import PieceRunner  # noqa: E402
 
-CONTEXT, WARMUP, TIMED = 256, 30, 50
+WARMUP, TIMED = 30, 50
 PARTS = ("metadata", "stage", "replay", "attention", "finish")
 _totals: collections.Counter[str] = collections.Counter()
 
@@ -57,30 +58,19 @@ def _timed(part: str | None, function: Any) -> Any:
 
 
 def instrument() -> None:
-    generation.uniform_batch_metadata = _timed("metadata", generation.uniform_batch_metadata)
+    generation.step_metadata = _timed("metadata", generation.step_metadata)
     runner_module.StaticInputs.stage = _timed("stage", runner_module.StaticInputs.stage)
     runner_module.ModelRunnerBase._finish = _timed("finish", runner_module.ModelRunnerBase._finish)
     PieceRunner.__call__ = _timed(None, PieceRunner.__call__)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile(compiled: Any, model: Any, batch: int, device: torch.device, out: Path,
             label: str) -> dict[str, Any]:
     steps = WARMUP + TIMED
-    prompt_len = CONTEXT - steps
-    encoder_len = CONTEXT if model.is_encoder_decoder else None
-    session = DecodeSession(compiled, batch, prompt_len, steps + 2, encoder_len, device)
-    vocab = model.config.vocab_size
-    prompt = torch.randint(3, vocab, (batch, prompt_len), device=device)
-    source = torch.randint(3, vocab, (batch, CONTEXT), device=device) if encoder_len else None
+    session, tokens = prefilled_session(compiled, model, batch, device, steps)
     walls, hosts = [], collections.defaultdict(list)
     profiler = cProfile.Profile()
     with torch.no_grad():
-        tokens = session.prefill(prompt, source)[:, -1].argmax(-1)
         for step in range(steps):
             _totals.clear()
             _sync(device)

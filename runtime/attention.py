@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from runtime import registry, settings
 from runtime.forward_context import AttentionMetadata, get_forward_context
-from runtime.kernels import triton_kernels
+from runtime.kernels import native, triton_kernels
 from runtime.kv_cache import AttentionKind, LayerKVCache
 
 try:
@@ -187,9 +187,9 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if spec.kind is AttentionKind.DECODER:
         slots = meta.slot_mapping
         _launch_write_kv(cache, key, value, slots if meta.static_decode else slots[:rows])
-        tables, lengths = meta.slot_tables, meta.seq_lens_tensor
+        tables, lengths = meta.slot_tables, meta.device_seq_lens()
     else:
-        tables, lengths = meta.encoder_slot_tables, meta.encoder_seq_lens_tensor
+        tables, lengths = meta.encoder_slot_tables, meta.device_encoder_seq_lens()
     assert tables is not None and lengths is not None
     if not meta.static_decode:
         output[rows:].zero_()  # padding rows
@@ -235,11 +235,7 @@ def _launch_decode(query: torch.Tensor, output: torch.Tensor, cache: LayerKVCach
         BLOCK_D=head_block, BLOCK_N=max(16, min(64, 8192 // head_block)), num_warps=4)
 
 
-def _native_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return True
-
-
-registry.register_kernel("attention", "native", supports=_native_supports)(native_attention)
+registry.register_kernel("attention", "native", supports=native._everywhere)(native_attention)
 _IMPLEMENTATIONS = {"native": native_attention}  # a name baked into a graph: no lookup per call
 if attention_jit is not None:
     registry.register_kernel("attention", "triton", supports=triton_kernels.supports,

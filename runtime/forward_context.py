@@ -38,8 +38,9 @@ class AttentionMetadata:
       encoder_slot_mapping: (num_actual_encoder_tokens,) cross-attention cache slot of each
         encoder token of this step.
       encoder_slot_tables: (num_seqs, max_encoder_len) cross-attention slot of each encoder position.
-    Device copies of the lengths (int32; built from the tuples when not given), which kernels
-    that must not read host values use:
+    Device copies of the lengths (int32), which kernels that must not read host values use;
+    read them through `device_seq_lens()` / `device_encoder_seq_lens()`, which build them from
+    the tuples on first use when not given (once per step, and never for steps that need none):
       seq_lens_tensor: (num_seqs,) and encoder_seq_lens_tensor: (num_seqs,).
     static_decode: the layout lives in static device buffers that a graph reads (a captured
       decode step): every row is one sequence's new token, and a padding row has slot -1 and
@@ -61,12 +62,6 @@ class AttentionMetadata:
 
     def __post_init__(self) -> None:
         num_seqs = len(self.seq_lens)
-        if self.seq_lens_tensor is None:
-            object.__setattr__(self, "seq_lens_tensor",
-                               _device_lengths(self.seq_lens, self.slot_tables.device))
-        if self.encoder_seq_lens is not None and self.encoder_seq_lens_tensor is None:
-            object.__setattr__(self, "encoder_seq_lens_tensor",
-                               _device_lengths(self.encoder_seq_lens, self.slot_tables.device))
         _check_offsets("query_start_loc", self.query_start_loc, num_seqs)
         for i, (query_len, seq_len) in enumerate(zip(self.query_lens, self.seq_lens)):
             if query_len > seq_len:
@@ -86,6 +81,21 @@ class AttentionMetadata:
         _check_rows("encoder_slot_mapping", self.encoder_slot_mapping, self.num_actual_encoder_tokens)
         _check_table("encoder_slot_tables", self.encoder_slot_tables, num_seqs,
                      max(self.encoder_seq_lens, default=0))
+
+    def device_seq_lens(self) -> torch.Tensor:
+        """`seq_lens` as an int32 tensor on the slot tables' device (built once, then kept)."""
+        if self.seq_lens_tensor is None:
+            object.__setattr__(self, "seq_lens_tensor",
+                               _device_lengths(self.seq_lens, self.slot_tables.device))
+        assert self.seq_lens_tensor is not None
+        return self.seq_lens_tensor
+
+    def device_encoder_seq_lens(self) -> torch.Tensor | None:
+        """`encoder_seq_lens` likewise; None for models without an encoder."""
+        if self.encoder_seq_lens is not None and self.encoder_seq_lens_tensor is None:
+            object.__setattr__(self, "encoder_seq_lens_tensor",
+                               _device_lengths(self.encoder_seq_lens, self.slot_tables.device))
+        return self.encoder_seq_lens_tensor
 
     @property
     def num_seqs(self) -> int:

@@ -144,8 +144,9 @@ class ModelRunnerBase:
                       is_last: bool) -> tuple[CapturedGraph, Any]:
         """Capture `run(*args)` as a graph; returns (graph, outputs of the capture run).
 
-        `piece` is None for a whole decode step. `graph.outputs` is what replays return; the capture run's outputs feed the next pieces
-        of the capture forward and must hold real values (replay once if capture only records).
+        `piece` is None for a whole decode step. `graph.outputs` is what replays return; the
+        capture run's outputs feed the next pieces of the capture forward and must hold real
+        values (replay once if capture only records).
         """
         raise NotImplementedError(f"{type(self).__name__} does not capture graphs "
                                   f"(uses_graphs is False)")

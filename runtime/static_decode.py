@@ -81,13 +81,13 @@ class StaticDecodeState:
     def load(self, meta: AttentionMetadata, rows: int) -> None:
         """Copy the step's layout into the buffers (call `accepts` first)."""
         n = meta.num_seqs
-        self.seq_lens[:n].copy_(meta.seq_lens_tensor, non_blocking=True)
+        self.seq_lens[:n].copy_(meta.device_seq_lens(), non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
         self.slot_tables[:n, :meta.slot_tables.shape[1]].copy_(meta.slot_tables,
                                                                non_blocking=True)
         if self.encoder:
             assert meta.encoder_slot_tables is not None
-            self.encoder_seq_lens[:n].copy_(meta.encoder_seq_lens_tensor, non_blocking=True)
+            self.encoder_seq_lens[:n].copy_(meta.device_encoder_seq_lens(), non_blocking=True)
             self.encoder_slot_tables[:n, :meta.encoder_slot_tables.shape[1]].copy_(
                 meta.encoder_slot_tables, non_blocking=True)
         self._pad(n, rows)
