@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
+from passes.fx_utils import is_impure
+
 logger = logging.getLogger(__name__)
 
 # Python-level functionals that both front ends record as one call of the function itself
@@ -84,9 +86,10 @@ def rewrite_matches(gm: fx.GraphModule, patterns: Iterable[Pattern], rewrite: Re
     Matches of a pattern are found once, after the rewrites of the patterns before it, so a
     binding may name a node that an earlier rewrite replaced; it is resolved to its
     replacement. New nodes take the meta of the outputs they replace (the same values), and
-    matched nodes left without readers are erased.
+    matched nodes and bound nodes (not inputs) that the rewrite left without readers are erased.
     """
     replaced: dict[fx.Node, fx.Node] = {}
+    bound: list[fx.Node] = []  # erased at the end if left unread: later matches may bind them
     rewritten = 0
     for pattern in patterns:
         for found in find_matches(gm.graph, pattern):
@@ -105,7 +108,9 @@ def rewrite_matches(gm: fx.GraphModule, patterns: Iterable[Pattern], rewrite: Re
                 old.replace_all_uses_with(value)
                 replaced[old] = value
             _erase_unread(gm.graph, match.nodes)
+            bound += [v for v in match.bindings.values() if _erasable(v) and v not in bound]
             rewritten += 1
+    _erase_unread(gm.graph, bound)
     return rewritten
 
 
@@ -124,6 +129,13 @@ def _last_output(graph: fx.Graph, match: Match) -> fx.Node | None:
     early = [user for node in match.outputs for user in node.users
              if user not in matched and order[user] < order[last]]
     return None if early else last
+
+
+def _erasable(value: Any) -> bool:
+    """A bound node the rewrite may leave unread that is no input and writes nothing
+    (a weight's get_attr, a `x.dtype`)."""
+    return isinstance(value, fx.Node) and value.op in ("get_attr", "call_function",
+                                                       "call_method") and not is_impure(value)
 
 
 def _erase_unread(graph: fx.Graph, nodes: Sequence[fx.Node]) -> None:
