@@ -61,6 +61,7 @@ class LiftActAndMulPass(GraphPass):
     not a gate this op can compute without a copy, and is left alone.
 
     Before (the golden test's graph):
+        gate_up_weight = self.gate_up.weight
         linear = torch._C._nn.linear(x, gate_up_weight, None)
         split = linear.split([16, 16], dim = -1)
         getitem = split[0]
@@ -69,6 +70,7 @@ class LiftActAndMulPass(GraphPass):
         mul = silu * getitem_1
         return mul
     After:
+        gate_up_weight = self.gate_up.weight
         linear = torch._C._nn.linear(x, gate_up_weight, None)
         silu_and_mul_default = torch.ops.fxkiln.silu_and_mul.default(linear)
         return silu_and_mul_default

@@ -150,14 +150,17 @@ def run_pass(pass_type: type[GraphPass], gm: fx.GraphModule,
 
 
 def check_property(module: nn.Module, inputs: Sequence[Any], passes: Sequence[type[GraphPass]],
-                   expected_matches: int, exact: bool = True) -> fx.GraphModule:
+                   expected_matches: int) -> fx.GraphModule:
     """Runs `passes` in order; the last must match `expected_matches` times. Then: the graph
-    computes what the module does (bitwise with `exact`), the last pass is idempotent, and the
-    FLOPs did not go up."""
+    computes bitwise what it computed before the last pass (and what the module computes,
+    up to the rounding earlier passes such as qkv_fuse may change), the last pass is
+    idempotent, and the FLOPs did not go up."""
     gm = trace(module, inputs)
     flops_before = count_flops(gm, inputs)
     for pass_type in passes[:-1]:
         run_pass(pass_type, gm, inputs)
+    with torch.no_grad():
+        before_last = gm(*inputs)
     assert run_pass(passes[-1], gm, inputs).matches == expected_matches
     code = gm.code
     again = run_pass(passes[-1], gm, inputs)
@@ -165,11 +168,15 @@ def check_property(module: nn.Module, inputs: Sequence[Any], passes: Sequence[ty
     assert count_flops(gm, inputs) <= flops_before
     with torch.no_grad():
         actual, expected = gm(*inputs), module(*inputs)
-    if exact:
-        assert actual.dtype == expected.dtype and torch.equal(actual, expected)
-    else:
-        torch.testing.assert_close(actual, expected)
+    assert actual.dtype == before_last.dtype and torch.equal(actual, before_last)
+    torch.testing.assert_close(actual, expected, **tolerance(expected.dtype))
     return gm
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """What a different GEMM blocking may change in one layer's result."""
+    size = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    return {"rtol": size, "atol": size}
 
 
 def through_dynamo(module: nn.Module, inputs: Sequence[Any],

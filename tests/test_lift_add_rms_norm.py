@@ -102,7 +102,7 @@ def test_must_not_fuse_a_broadcast_add_or_a_sum_read_before_the_norm() -> None:
 @given(layers=st.integers(1, 3), hidden=st.integers(1, 24), tokens=st.integers(1, 6),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        norm=st.sampled_from(["llama", "gemma"]), seed=st.integers(0, 2**16))
-def test_fused_equals_eager_bitwise_is_idempotent_and_adds_no_flops(
+def test_fused_is_bitwise_equal_idempotent_and_adds_no_flops(
         layers: int, hidden: int, tokens: int, dtype: torch.dtype, norm: str,
         seed: int) -> None:
     torch.manual_seed(seed)

@@ -136,7 +136,7 @@ def test_must_not_rewrite_a_norm_without_eps_over_another_dim_or_recast() -> Non
 @given(leading=st.lists(st.integers(1, 4), min_size=0, max_size=3), hidden=st.integers(1, 40),
        dtype=DTYPES, form=st.sampled_from(["llama", "gemma"]),
        eps=st.sampled_from([1e-6, 1e-5, 0.1]), seed=st.integers(0, 2**16))
-def test_lifted_norm_equals_eager_bitwise_is_idempotent_and_adds_no_flops(
+def test_lifted_norm_is_bitwise_equal_idempotent_and_adds_no_flops(
         leading: list[int], hidden: int, dtype: torch.dtype, form: str, eps: float,
         seed: int) -> None:
     torch.manual_seed(seed)
