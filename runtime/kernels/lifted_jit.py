@@ -9,12 +9,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _rounded(value, dtype: tl.constexpr):
-    """`value` rounded to `dtype` and back to float32: where eager torch rounds a result."""
-    return value.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def rotary_cos_sin_kernel(
     out_ptr, x_ptr, cos_ptr, sin_ptr,
     rows, size1, size2, half,
@@ -45,9 +39,9 @@ def rotary_cos_sin_kernel(
     cos2 = tl.load(cos_ptr + cos_row + second * cos_stride3, mask=mask, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_ptr + sin_row + first * sin_stride3, mask=mask, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + sin_row + second * sin_stride3, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
-    out1 = _rounded(x1 * cos1, dtype) - _rounded(x2 * sin1, dtype)
-    out2 = _rounded(x2 * cos2, dtype) + _rounded(x1 * sin2, dtype)
+    dtype = out_ptr.dtype.element_ty  # each product rounded to it, as eager torch rounds
+    out1 = (x1 * cos1).to(dtype).to(tl.float32) - (x2 * sin1).to(dtype).to(tl.float32)
+    out2 = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
     out_row = out_ptr + (row * 2 * half)[:, None]
     tl.store(out_row + first, out1.to(dtype), mask=mask)
     tl.store(out_row + second, out2.to(dtype), mask=mask)
