@@ -92,7 +92,8 @@ class LiftRmsNormPass(GraphPass):
             return False
         if tuple(weight_value.shape) != tuple(x_value.shape[-1:]):
             return False
-        return match.pattern == "gemma" or static_dtype(match.bindings["out_dtype"]) == x_value.dtype
+        out_dtype = match.bindings.get("out_dtype")
+        return match.pattern == "gemma" or static_dtype(out_dtype) == x_value.dtype
 
     def _rewrite(self, gm: fx.GraphModule, match: Match) -> tuple[fx.Node] | None:
         if not self.applies(match):

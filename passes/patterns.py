@@ -52,7 +52,7 @@ class Match:
     """Where a pattern matched: its parameters' bindings and the graph nodes it returns."""
 
     pattern: str
-    built_with: Mapping[str, Any]  # the pattern's
+    built_with: Mapping[str, Any]  # the literals the matched pattern was made from
     bindings: dict[str, Any]       # parameter name -> graph node or literal
     outputs: tuple[fx.Node, ...]   # what the pattern returns, in its order
     nodes: tuple[fx.Node, ...]     # every matched node that is not a binding
@@ -97,7 +97,8 @@ def rewrite_matches(gm: fx.GraphModule, patterns: Iterable[Pattern], rewrite: Re
                 found, bindings={k: _resolve(v, replaced) for k, v in found.bindings.items()})
             last = _last_output(gm.graph, match)
             if last is None:
-                logger.debug("%s: an output is read before the match ends; left alone", pattern.name)
+                logger.debug("%s: an output is read before the match ends; left alone",
+                             pattern.name)
                 continue
             with gm.graph.inserting_before(last):
                 new = rewrite(match)
@@ -139,7 +140,8 @@ def _erasable(value: Any) -> bool:
 
 
 def _erase_unread(graph: fx.Graph, nodes: Sequence[fx.Node]) -> None:
+    """Erase those of `nodes` still in `graph` that nothing reads, readers first."""
     order = {node: index for index, node in enumerate(graph.nodes)}
-    for node in sorted(nodes, key=order.__getitem__, reverse=True):
+    for node in sorted((n for n in nodes if n in order), key=order.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
