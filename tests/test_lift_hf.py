@@ -10,6 +10,7 @@ import torch
 
 import compiler
 from compiler import CompileConfig
+from passes import DEFAULT_PIPELINE
 from runtime.kernels import triton_kernels
 
 LAYERS = 2
@@ -70,6 +71,27 @@ def test_every_idiom_lifts_and_logits_equal_eager(architecture: str) -> None:
     report = compile_and_compare(architecture, CompileConfig(device="cpu"))
     gate = "gelu_and_mul" if architecture == "gemma" else "silu_and_mul"
     assert set(report.kernels) == {"rms_norm", "fused_add_rms_norm", gate, "rotary_cos_sin"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["phi3", "gemma"])
+def test_bfloat16_lifting_is_bitwise_exact(architecture: str) -> None:
+    """Phi3 fuses its projections itself, so every idiom lifts without qkv_fuse (whose fused
+    GEMM need not round as two do). Gemma's bfloat16 norm reads the float32 cast of the sum,
+    which fused_add_rms_norm cannot express exactly: its adds stay apart."""
+    torch._dynamo.reset()
+    model = hf_model(architecture).to(torch.bfloat16)
+    passes = tuple(name for name in DEFAULT_PIPELINE if name != "qkv_fuse")
+    backend = compiler.backend(CompileConfig(device="cpu", passes=passes))
+    ids = torch.randint(3, COMMON["vocab_size"], (2, 5))
+    with torch.no_grad():
+        expected = model(ids).logits
+        actual = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    assert actual.dtype == torch.bfloat16 and torch.equal(actual, expected)
+    matches = {name: record.matches for name, record in backend.reports[-1].passes.items()}
+    assert matches["lift_rms_norm"] == 2 * LAYERS + 1 and matches["lift_rotary"] == 2 * LAYERS
+    assert matches["lift_add_rms_norm"] == (0 if architecture == "gemma" else 2 * LAYERS)
+    assert matches["lift_act_and_mul"] == (0 if architecture == "gemma" else LAYERS)
 
 
 @pytest.mark.slow
