@@ -78,6 +78,18 @@ def constant_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return None
 
 
+def static_dtype(value: Any) -> torch.dtype | None:
+    """The dtype `value` stands for at compile time: a dtype literal (Dynamo's graphs) or a
+    `tensor.dtype` node (symbolic_trace's) of a tensor whose dtype shape propagation knows."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target is getattr \
+            and value.args[1:] == ("dtype",):
+        source = tensor_meta(value.args[0])
+        return source.dtype if source is not None else None
+    return None
+
+
 # -- liveness -------------------------------------------------------------------------------
 
 def is_impure(node: fx.Node) -> bool:
