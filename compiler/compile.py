@@ -21,7 +21,7 @@ from compiler.config import CompileConfig
 from compiler.pass_manager import PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
-from runtime.runner import ModelRunnerBase, make_runner
+from runtime.runner import BucketRunner, make_runner
 from runtime.split import DEFAULT_SPLITTING_OPS
 from runtime.step_context import CaptureSpec
 
@@ -108,7 +108,7 @@ def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[An
 
 
 def build_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
-                 config: CompileConfig, device: torch.device) -> ModelRunnerBase:
+                 config: CompileConfig, device: torch.device) -> BucketRunner:
     """Split `gm` at the splitting ops and capture its pieces per token-count bucket.
 
     Models that say how to capture them (`capture_spec`, fxkiln's own) are captured for their
