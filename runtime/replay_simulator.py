@@ -90,7 +90,15 @@ class SimulatedGraph:
         assert len(fresh) == len(kept), "a piece's outputs changed structure between runs"
         for old, new in zip(kept, fresh):
             if isinstance(old, torch.Tensor) and old is not new:
-                old.copy_(new)
+                _overwrite(old, new)
+
+
+def _overwrite(old: torch.Tensor, new: torch.Tensor) -> None:
+    """`old.copy_(new)`, also for a broadcast `old` (stride 0: one element, many places)."""
+    for dim, stride in enumerate(old.stride()):
+        if stride == 0 and old.shape[dim] > 1:
+            old, new = old.narrow(dim, 0, 1), new.narrow(dim, 0, 1)
+    old.copy_(new)
 
 
 def _storages(values: Sequence[Any]) -> set[int]:
