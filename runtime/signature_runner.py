@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 
 from runtime.graph_device import CapturedGraph, CaptureOptions, GraphDevice
 from runtime.input_snapshot import InputSnapshot
-from runtime.piece_runner import PieceCaptureError, PieceRunner, install_piece_runners
+from runtime.piece_runner import NodeTracker, PieceCaptureError, PieceRunner, install_piece_runners
 from runtime.runner import RunnerStats
 from runtime.signature_inputs import GraphInputs, InputPlan, Observation, StagedInputs, stage
 from runtime.split import DEFAULT_SPLITTING_OPS, is_splitting_node, op_key, split_graph
@@ -47,6 +47,10 @@ from runtime.step import EAGER_STEP, StepDescriptor, StepMode, running
 logger = logging.getLogger(__name__)
 
 MAX_SIGNATURES = 8
+# A graph dropped for a moved input before this many replays was churn (a per-call tensor that
+# happened to reuse its predecessor's block); after MAX_CHURN of those, the signature copies
+# every per-call input instead of reading observed ones in place.
+CHURN_REPLAYS, MAX_CHURN = 4, 2
 HOST_METADATA_OPS = ("fxkiln::attention",)  # read the forward context on the host each step
 WAITING = "no signature has been called twice in a row yet (the second call is captured)"
 CHANGING = ("input shapes changed from call to call (no signature repeated on consecutive "
@@ -63,6 +67,7 @@ class SignatureEntry:
     clone_outputs: tuple[bool, ...]
     leading_size: int
     label: str
+    replays: int = 0
 
 
 class SignatureRunner:
@@ -83,10 +88,12 @@ class SignatureRunner:
         self.host_scalars: frozenset[int] = frozenset()
         self.whole = inputs.static_shapes and not reads_host_metadata(gm)
         self.split = None if self.whole else split_graph(gm, splitting_ops)
+        self._tracker = NodeTracker(gm)  # runs a whole graph's warm-ups and capture
         self.piece_runners: tuple[PieceRunner, ...] = (
             () if self.split is None else install_piece_runners(self.split, self))
         self.entries: dict[Hashable, SignatureEntry] = {}
         self._refused: dict[Hashable, str] = {}
+        self._churn: dict[Hashable, int] = {}
         self._previous: Observation | None = None
         self._on_stats = on_stats
         self.stats = RunnerStats(pieces=1 if self.split is None else len(self.split.pieces),
@@ -97,7 +104,7 @@ class SignatureRunner:
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
         if torch.is_grad_enabled():
-            return self._uncaptured(None, args, "grad mode is on (graphs are for inference)")
+            return self._uncaptured(args, "grad mode is on (graphs are for inference)")
         key = self.plan.signature(args)
         entry = self.entries.get(key)
         if entry is not None:
@@ -105,7 +112,7 @@ class SignatureRunner:
             if moved is None:
                 self._previous = None
                 return self._replay(key, entry, args)
-            self._drop(key, f"static input {moved} moved")
+            self._drop(key, f"static input {moved} moved", moved=True)
         return self._first_calls(key, args)
 
     def dispatch(self, key: Hashable) -> StepDescriptor:
@@ -113,6 +120,7 @@ class SignatureRunner:
         return StepDescriptor(StepMode.FULL if self.whole else StepMode.PIECEWISE, key)
 
     def _replay(self, key: Hashable, entry: SignatureEntry, args: Sequence[Any]) -> Any:
+        entry.replays += 1
         staged = entry.staged
         staged.load(args)
         self.graph_device.before_replay(key)
@@ -131,7 +139,7 @@ class SignatureRunner:
             reason = self._refusal(key, args)
             if reason is None:
                 return self._capture(key, args, seen)
-            return self._uncaptured(key, args, reason)
+            return self._uncaptured(args, reason)
         if seen is not None and self.stats.note == WAITING:
             self._note(CHANGING)
         versions = self.plan.observe_before(args)
@@ -139,8 +147,8 @@ class SignatureRunner:
         self._previous = self.plan.observation(key, args, versions)
         return outputs
 
-    def _uncaptured(self, key: Hashable, args: Sequence[Any], reason: str) -> Any:
-        if key is not None and not self.entries:
+    def _uncaptured(self, args: Sequence[Any], reason: str) -> Any:
+        if not self.entries:
             self._note(reason)
         return self.gm(*args)
 
@@ -155,7 +163,8 @@ class SignatureRunner:
 
     # -- capture ----------------------------------------------------------------------------
     def _capture(self, key: Hashable, args: Sequence[Any], seen: Observation) -> Any:
-        in_place = self.plan.in_place(args, seen)
+        in_place = (self.plan.declared if self._churn.get(key, 0) >= MAX_CHURN
+                    else self.plan.in_place(args, seen))
         staged = stage(self.plan, args, in_place, seen.written)
         snapshot = InputSnapshot(args[i] for i in sorted(in_place & seen.written))
         self.host_scalars = frozenset(staged.args[i].data_ptr() for i in self.plan.host_scalars)
@@ -179,25 +188,26 @@ class SignatureRunner:
                              + time.perf_counter() - start,
                              graph_memory_bytes=self.stats.graph_memory_bytes
                              + profiler.consumed_bytes)
-        logger.info("captured %s graph(s) for signature %s in %.3f s",
-                    "one whole" if graph is not None else "piece", entry.label,
-                    time.perf_counter() - start)
+        logger.info("captured %s for signature %s in %.3f s",
+                    "the whole graph" if graph is not None else "the pieces' graphs",
+                    entry.label, time.perf_counter() - start)
         self._publish()
         return _finish(outputs, entry.clone_outputs)
 
     def _record(self, key: Hashable, args: Sequence[Any], staged: StagedInputs,
                 snapshot: InputSnapshot) -> tuple[CapturedGraph | None, Any]:
         """Warm up (undoing each warm-up's writes), then capture: the call's real run."""
+        self._tracker.node = None
         for _ in range(self.options.warmup_runs):
             if self.split is None:
                 with self.graph_device.refuse_host_sync():
-                    self.gm(*staged.args)
+                    self._tracker(*staged.args)
             else:  # the pieces to capture refuse host synchronization themselves
                 self._run(StepDescriptor(StepMode.WARMUP, key), staged.args)
             snapshot.restore()
             staged.load(args)  # the warm-up may have written the copied inputs' buffers
         if self.split is None:
-            return self.graph_device.capture_graph(self.gm, staged.args, key=key,
+            return self.graph_device.capture_graph(self._tracker, staged.args, key=key,
                                                    keep_outputs=True,
                                                    host_scalars=self.host_scalars)
         return None, self._run(StepDescriptor(StepMode.CAPTURE, key), staged.args)
@@ -209,8 +219,10 @@ class SignatureRunner:
             return self.split.split_module(*args)
 
     def _capture_failed(self, key: Hashable, args: Sequence[Any], error: Exception) -> Any:
-        message = (f"could not capture the graph for signature {_label(self.plan, args, None)}: "
-                   f"{type(error).__name__}: {error}")
+        node = self._tracker.node if self.split is None else None
+        where = f" at node {node.format_node()}" if node is not None else ""
+        message = (f"could not capture the graph for signature {_label(self.plan, args, None)}"
+                   f"{where}: {type(error).__name__}: {error}")
         if self.options.capture_failure == "raise":
             if isinstance(error, PieceCaptureError):
                 raise error
@@ -219,10 +231,12 @@ class SignatureRunner:
         logger.warning("%s; running it uncaptured from now on", message)
         self._refused[key] = f"capture failed: {type(error).__name__}: {error}"
         self._previous = None
-        return self._uncaptured(key, args, self._refused[key])
+        return self._uncaptured(args, self._refused[key])
 
-    def _drop(self, key: Hashable, why: str) -> None:
+    def _drop(self, key: Hashable, why: str, moved: bool = False) -> None:
         entry = self.entries.pop(key)
+        if moved and entry.replays < CHURN_REPLAYS:
+            self._churn[key] = self._churn.get(key, 0) + 1
         for piece in self.piece_runners:
             piece.entries.pop(key, None)
         logger.info("dropped the graphs of signature %s: %s", entry.label, why)
