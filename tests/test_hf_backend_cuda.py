@@ -39,8 +39,11 @@ def cuda_replays(monkeypatch: pytest.MonkeyPatch) -> list[CUDAPieceGraph]:
 
 
 def _generate(hf: Any, ids: torch.Tensor) -> torch.Tensor:
+    # disable_compile: on CUDA, generate would otherwise compile the forward with its own
+    # default (inductor, reduce-overhead) whenever the cache is static
     options: dict[str, Any] = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                   do_sample=False, cache_implementation="static")
+                                   do_sample=False, cache_implementation="static",
+                                   disable_compile=True)
     if not hf.config.is_encoder_decoder:
         options["attention_mask"] = torch.ones_like(ids)
     with torch.no_grad():

@@ -39,6 +39,7 @@ def _hf(kind: str) -> Any:
 
 
 def _generate(hf: Any, ids: torch.Tensor, **options: Any) -> torch.Tensor:
+    options["disable_compile"] = True  # no auto-compile of generate's own (CUDA only anyway)
     with torch.no_grad():
         if hf.config.is_encoder_decoder:
             return hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
