@@ -10,7 +10,8 @@ import torch
 from torch import fx
 
 from compiler.backend import Backend
-from compiler.capture import GraphBreakError, describe_graph_break, symbolic_propagator, symbolic_trace
+from compiler.capture import (GraphBreakError, describe_graph_break, symbolic_propagator,
+                              symbolic_trace)
 from compiler.config import CompileConfig
 from compiler.pipeline import compile_traced
 from compiler.report import CompileReport

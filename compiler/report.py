@@ -45,7 +45,8 @@ class CompileReport:
         self.pieces, self.captured_sizes = stats.pieces, stats.captured_sizes
         self.decode_graph_sizes = stats.decode_graph_sizes
         self.captured_signatures = stats.captured_signatures
-        self.capture_seconds, self.graph_memory_bytes = stats.capture_seconds, stats.graph_memory_bytes
+        self.capture_seconds = stats.capture_seconds
+        self.graph_memory_bytes = stats.graph_memory_bytes
         self.capture_note = stats.note
 
     def add_passes(self, records: Sequence[PassRecord]) -> None:

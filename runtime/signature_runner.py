@@ -53,6 +53,7 @@ MAX_SIGNATURES = 8
 CHURN_REPLAYS, MAX_CHURN = 4, 2
 HOST_METADATA_OPS = ("fxkiln::attention",)  # read the forward context on the host each step
 WAITING = "no signature has been called twice in a row yet (the second call is captured)"
+WATCHED = "the first call of its signature: watched for in-place writes"
 CHANGING = ("input shapes changed from call to call (no signature repeated on consecutive "
             "calls), so nothing is captured: a DynamicCache grows every step; a StaticCache "
             "keeps the decode step's shapes fixed")
@@ -62,6 +63,7 @@ CHANGING = ("input shapes changed from call to call (no signature repeated on co
 class SignatureEntry:
     """One captured signature: its staged inputs, its graph (whole) and which outputs to clone."""
 
+    step: StepDescriptor            # of its replays (made once: a replay makes no objects)
     staged: StagedInputs
     graph: CapturedGraph | None     # None when piecewise: the pieces hold the graphs
     clone_outputs: tuple[bool, ...]
@@ -103,54 +105,61 @@ class SignatureRunner:
 
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
+        step = self.dispatch(args)
+        if step.replays:
+            return self._replay(step, args)
+        if step.mode is StepMode.CAPTURE:
+            return self._capture(step.key, args)
+        return self._eager(step, args)
+
+    def dispatch(self, args: Sequence[Any]) -> StepDescriptor:
+        """The step of this call, decided once: replay the signature's graph (whole or its
+        pieces), capture it (its second call in a row), or run eagerly (watched, or not)."""
         if torch.is_grad_enabled():
-            return self._uncaptured(args, "grad mode is on (graphs are for inference)")
+            return StepDescriptor(StepMode.EAGER, reason="grad mode is on (graphs are for "
+                                                         "inference)")
         key = self.plan.signature(args)
         entry = self.entries.get(key)
         if entry is not None:
             moved = entry.staged.moved(args, self.options.debug)
             if moved is None:
-                self._previous = None
-                return self._replay(key, entry, args)
+                return entry.step
             self._drop(key, f"static input {moved} moved", moved=True)
-        return self._first_calls(key, args)
+        seen = self._previous
+        if seen is None or seen.key != key:
+            return StepDescriptor(StepMode.EAGER, key, reason=WATCHED)
+        reason = self._refusal(key, args)
+        return StepDescriptor(StepMode.CAPTURE, key) if reason is None else \
+            StepDescriptor(StepMode.EAGER, key, reason=reason)
 
-    def dispatch(self, key: Hashable) -> StepDescriptor:
-        """The step of a replay of `key`: one whole graph, or the pieces' graphs."""
-        return StepDescriptor(StepMode.FULL if self.whole else StepMode.PIECEWISE, key)
-
-    def _replay(self, key: Hashable, entry: SignatureEntry, args: Sequence[Any]) -> Any:
+    def _replay(self, step: StepDescriptor, args: Sequence[Any]) -> Any:
+        self._previous = None
+        entry = self.entries[step.key]
         entry.replays += 1
         staged = entry.staged
         staged.load(args)
-        self.graph_device.before_replay(key)
+        self.graph_device.before_replay(step.key)
         if entry.graph is not None:
             entry.graph.replay()
             outputs = entry.graph.outputs
         else:
-            with running(self.dispatch(key)):
+            with running(step):
                 outputs = self.split.split_module(*staged.args)  # type: ignore[union-attr]
         staged.store(args)
         return _finish(outputs, entry.clone_outputs)
 
-    def _first_calls(self, key: Hashable, args: Sequence[Any]) -> Any:
-        seen = self._previous
-        if seen is not None and seen.key == key:
-            reason = self._refusal(key, args)
-            if reason is None:
-                return self._capture(key, args, seen)
-            return self._uncaptured(args, reason)
-        if seen is not None and self.stats.note == WAITING:
-            self._note(CHANGING)
+    def _eager(self, step: StepDescriptor, args: Sequence[Any]) -> Any:
+        """Run the rewritten graph; a first call of its signature is watched for writes."""
+        if step.reason != WATCHED:
+            if not self.entries:
+                self._note(step.reason)
+            return self.gm(*args)
+        if self._previous is not None and self.stats.note == WAITING:
+            self._note(CHANGING)  # a signature other than the last call's
         versions = self.plan.observe_before(args)
         outputs = self.gm(*args)
-        self._previous = self.plan.observation(key, args, versions)
+        self._previous = self.plan.observation(step.key, args, versions)
         return outputs
-
-    def _uncaptured(self, args: Sequence[Any], reason: str) -> Any:
-        if not self.entries:
-            self._note(reason)
-        return self.gm(*args)
 
     def _refusal(self, key: Hashable, args: Sequence[Any]) -> str | None:
         """Why `key` gets no graph (None: it may be captured)."""
@@ -162,7 +171,9 @@ class SignatureRunner:
         return None
 
     # -- capture ----------------------------------------------------------------------------
-    def _capture(self, key: Hashable, args: Sequence[Any], seen: Observation) -> Any:
+    def _capture(self, key: Hashable, args: Sequence[Any]) -> Any:
+        seen = self._previous
+        assert seen is not None and seen.key == key, "capture without a watched call before it"
         in_place = (self.plan.declared if self._churn.get(key, 0) >= MAX_CHURN
                     else self.plan.in_place(args, seen))
         staged = stage(self.plan, args, in_place, seen.written)
@@ -180,7 +191,9 @@ class SignatureRunner:
         if len(self.entries) >= self.max_signatures:
             self._drop(next(iter(self.entries)), "more signatures than max_signatures")
         static = {args[i].untyped_storage().data_ptr() for i in in_place}
-        entry = SignatureEntry(staged=staged, graph=graph, leading_size=self.plan.leading_size(args),
+        mode = StepMode.FULL if self.whole else StepMode.PIECEWISE
+        entry = SignatureEntry(step=StepDescriptor(mode, key), staged=staged, graph=graph,
+                               leading_size=self.plan.leading_size(args),
                                clone_outputs=_clone_mask(outputs, static),
                                label=_label(self.plan, args, staged))
         self.entries[key] = entry
@@ -231,7 +244,7 @@ class SignatureRunner:
         logger.warning("%s; running it uncaptured from now on", message)
         self._refused[key] = f"capture failed: {type(error).__name__}: {error}"
         self._previous = None
-        return self._uncaptured(args, self._refused[key])
+        return self._eager(StepDescriptor(StepMode.EAGER, key, self._refused[key]), args)
 
     def _drop(self, key: Hashable, why: str, moved: bool = False) -> None:
         entry = self.entries.pop(key)
@@ -277,6 +290,11 @@ def _clone_mask(outputs: Any, static_storages: set[int]) -> tuple[bool, ...]:
 
 
 def _finish(outputs: Any, clone: tuple[bool, ...]) -> Any:
+    """`outputs` with the leaves marked in `clone` cloned (a flat tuple, as Dynamo graphs
+    return, without flattening)."""
+    if type(outputs) is tuple and len(outputs) == len(clone) and not any(
+            isinstance(leaf, (tuple, list, dict)) for leaf in outputs):
+        return tuple(leaf.clone() if copy else leaf for leaf, copy in zip(outputs, clone))
     leaves, spec = pytree.tree_flatten(outputs)
     return pytree.tree_unflatten([leaf.clone() if copy else leaf
                                   for leaf, copy in zip(leaves, clone, strict=True)], spec)

@@ -64,7 +64,8 @@ class FreshRunners:
         return lambda *args: self.runners[index](*args)
 
     def fresh(self, **options: Any) -> list[SignatureRunner]:
-        runners = [SignatureRunner(gm, graph_inputs, inputs, graph_device=SimulatedGraphDevice("cpu"),
+        runners = [SignatureRunner(gm, graph_inputs, inputs,
+                                   graph_device=SimulatedGraphDevice("cpu"),
                                    capture_sizes=SIZES, options=CaptureOptions(**options))
                    for gm, graph_inputs, inputs in self.graphs]
         self.runners = list(runners)

@@ -148,9 +148,10 @@ def test_the_simulator_catches_a_runner_that_skips_staging_or_cloning(
 
 def _traced_runner(function: Any, capture_failure: str = "raise") -> SignatureRunner:
     """A signature runner over a traced one-input graph of static shapes."""
-    return SignatureRunner(fx.symbolic_trace(function), GraphInputs(frozenset(), static_shapes=True),
-                           [torch.randn(2, 3)], graph_device=SimulatedGraphDevice("cpu"),
-                           capture_sizes=SIZES, options=CaptureOptions(capture_failure=capture_failure))
+    return SignatureRunner(fx.symbolic_trace(function),
+                           GraphInputs(frozenset(), static_shapes=True), [torch.randn(2, 3)],
+                           graph_device=SimulatedGraphDevice("cpu"), capture_sizes=SIZES,
+                           options=CaptureOptions(capture_failure=capture_failure))
 
 
 def _item_runner(capture_failure: str) -> SignatureRunner:
