@@ -139,3 +139,11 @@ def stage(plan: InputPlan, args: Sequence[Any], in_place: frozenset[int],
         copy_back=tuple((i, b) for i, b in copy_into if i in written),
         checked=tuple((i, args[i].data_ptr()) for i in sorted(observed)),
         declared=tuple((i, args[i].data_ptr()) for i in sorted(plan.declared)))
+
+
+def describe(plan: InputPlan, args: Sequence[Any], staged: StagedInputs | None) -> str:
+    """'size 1: copied (1, 1) (1, 1, 1, 13), 6 read in place' (no staging yet: every shape)."""
+    copied = [i for i, _ in staged.copy_into] if staged is not None else list(plan.per_call)
+    shapes = " ".join(str(tuple(args[i].shape)) for i in copied) or "nothing"
+    in_place = f", {len(staged.checked)} read in place" if staged and staged.checked else ""
+    return f"size {plan.leading_size(args)}: copied {shapes}{in_place}"

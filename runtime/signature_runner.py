@@ -40,9 +40,10 @@ from runtime.graph_device import CapturedGraph, CaptureOptions, GraphDevice
 from runtime.input_snapshot import InputSnapshot
 from runtime.piece_runner import NodeTracker, PieceCaptureError, PieceRunner, install_piece_runners
 from runtime.runner import RunnerStats
-from runtime.signature_inputs import GraphInputs, InputPlan, Observation, StagedInputs, stage
-from runtime.split import DEFAULT_SPLITTING_OPS, is_splitting_node, op_key, split_graph
-from runtime.step import EAGER_STEP, StepDescriptor, StepMode, running
+from runtime.signature_inputs import (GraphInputs, InputPlan, Observation, StagedInputs, describe,
+                                      stage)
+from runtime.split import DEFAULT_SPLITTING_OPS, reads_host_metadata, split_graph
+from runtime.step import StepDescriptor, StepMode, running
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ MAX_SIGNATURES = 8
 # happened to reuse its predecessor's block); after MAX_CHURN of those, the signature copies
 # every per-call input instead of reading observed ones in place.
 CHURN_REPLAYS, MAX_CHURN = 4, 2
-HOST_METADATA_OPS = ("fxkiln::attention",)  # read the forward context on the host each step
 WAITING = "no signature has been called twice in a row yet (the second call is captured)"
 WATCHED = "the first call of its signature: watched for in-place writes"
 CHANGING = ("input shapes changed from call to call (no signature repeated on consecutive "
@@ -195,7 +195,7 @@ class SignatureRunner:
         entry = SignatureEntry(step=StepDescriptor(mode, key), staged=staged, graph=graph,
                                leading_size=self.plan.leading_size(args),
                                clone_outputs=_clone_mask(outputs, static),
-                               label=_label(self.plan, args, staged))
+                               label=describe(self.plan, args, staged))
         self.entries[key] = entry
         self.stats = replace(self.stats, capture_seconds=self.stats.capture_seconds
                              + time.perf_counter() - start,
@@ -234,7 +234,7 @@ class SignatureRunner:
     def _capture_failed(self, key: Hashable, args: Sequence[Any], error: Exception) -> Any:
         node = self._tracker.node if self.split is None else None
         where = f" at node {node.format_node()}" if node is not None else ""
-        message = (f"could not capture the graph for signature {_label(self.plan, args, None)}"
+        message = (f"could not capture the graph for signature {describe(self.plan, args, None)}"
                    f"{where}: {type(error).__name__}: {error}")
         if self.options.capture_failure == "raise":
             if isinstance(error, PieceCaptureError):
@@ -276,12 +276,6 @@ class SignatureRunner:
             self._on_stats(self.stats)
 
 
-def reads_host_metadata(gm: fx.GraphModule) -> bool:
-    """Whether `gm` holds an op that reads per-step metadata on the host (fxkiln's attention)."""
-    keys = {op_key(op) for op in HOST_METADATA_OPS}
-    return any(is_splitting_node(node, keys) for node in gm.graph.nodes)
-
-
 def _clone_mask(outputs: Any, static_storages: set[int]) -> tuple[bool, ...]:
     """Per output leaf: clone it (True) unless it is no tensor or lives in a static input."""
     return tuple(isinstance(leaf, torch.Tensor)
@@ -298,11 +292,3 @@ def _finish(outputs: Any, clone: tuple[bool, ...]) -> Any:
     leaves, spec = pytree.tree_flatten(outputs)
     return pytree.tree_unflatten([leaf.clone() if copy else leaf
                                   for leaf, copy in zip(leaves, clone, strict=True)], spec)
-
-
-def _label(plan: InputPlan, args: Sequence[Any], staged: StagedInputs | None) -> str:
-    """'size 1: copied (1, 1) (1, 1, 1, 13), 6 read in place' (no staging yet: every shape)."""
-    copied = [i for i, _ in staged.copy_into] if staged is not None else list(plan.per_call)
-    shapes = " ".join(str(tuple(args[i].shape)) for i in copied) or "nothing"
-    in_place = f", {len(staged.checked)} read in place" if staged and staged.checked else ""
-    return f"size {plan.leading_size(args)}: copied {shapes}{in_place}"
