@@ -5,7 +5,8 @@ with nn modules inlined, every parameter and buffer. For a replay, each tensor i
 
 - **static, declared**: parameters, buffers and tensors marked with
   `torch._dynamo.mark_static_address`. Read in place; their addresses are checked only in
-  debug mode (checking hundreds of weights every call would cost more than the replay saves).
+  debug mode, where one that moved is a `StaticInputError` (checking hundreds of weights every
+  call would cost more than the replay saves; without the check a graph reads the old tensor).
 - **static, observed**: a tensor whose storage stayed put from one call to the next and which
   the graph writes in place, such as a Hugging Face StaticCache's keys, values and position
   counter. Read and written in place; its address is checked at every replay (a few per layer)
@@ -51,8 +52,10 @@ class Observation:
 class InputPlan:
     """Per graph: which arguments make the signature, which are watched for writes."""
 
-    def __init__(self, inputs: GraphInputs, example_args: Sequence[Any]) -> None:
+    def __init__(self, inputs: GraphInputs, example_args: Sequence[Any],
+                 names: Sequence[str] = ()) -> None:
         self.inputs = inputs
+        self.names = tuple(names) or tuple(f"input {i}" for i in range(len(example_args)))
         self.declared = inputs.declared_static
         tensors = [i for i, x in enumerate(example_args) if isinstance(x, torch.Tensor)]
         self.per_call = tuple(i for i in tensors if i not in self.declared)
@@ -105,14 +108,18 @@ class StagedInputs:
     checked: tuple[tuple[int, int], ...]              # (index, data_ptr) checked every replay
     declared: tuple[tuple[int, int], ...]             # (index, data_ptr) checked in debug mode
 
-    def moved(self, args: Sequence[Any], debug: bool) -> int | None:
-        """The index of a static input that is not where the graph reads it, or None."""
+    def moved(self, args: Sequence[Any]) -> int | None:
+        """The index of an observed static input that is not where the graph reads it."""
         for index, address in self.checked:
             if args[index].data_ptr() != address:
                 return index
-        for index, address in self.declared if debug else ():
+        return None
+
+    def declared_moved(self, args: Sequence[Any]) -> tuple[int, int] | None:
+        """(index, captured address) of a declared static input that moved (debug mode)."""
+        for index, address in self.declared:
             if args[index].data_ptr() != address:
-                return index
+                return index, address
         return None
 
     def load(self, args: Sequence[Any]) -> None:

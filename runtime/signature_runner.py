@@ -38,7 +38,8 @@ from torch.utils import _pytree as pytree
 
 from runtime.graph_device import CapturedGraph, CaptureOptions, GraphDevice
 from runtime.input_snapshot import InputSnapshot
-from runtime.piece_runner import NodeTracker, PieceCaptureError, PieceRunner, install_piece_runners
+from runtime.piece_runner import (NodeTracker, PieceCaptureError, PieceRunner, StaticInputError,
+                                  install_piece_runners)
 from runtime.runner import RunnerStats
 from runtime.signature_inputs import (GraphInputs, InputPlan, Observation, StagedInputs, describe,
                                       stage)
@@ -86,7 +87,8 @@ class SignatureRunner:
         self.options = options
         self.max_size = max(capture_sizes, default=0)
         self.max_signatures = max_signatures
-        self.plan = InputPlan(inputs, example_args)
+        self.plan = InputPlan(inputs, example_args,
+                              [node.name for node in gm.graph.find_nodes(op="placeholder")])
         self.host_scalars: frozenset[int] = frozenset()
         self.whole = inputs.static_shapes and not reads_host_metadata(gm)
         self.split = None if self.whole else split_graph(gm, splitting_ops)
@@ -121,7 +123,9 @@ class SignatureRunner:
         key = self.plan.signature(args)
         entry = self.entries.get(key)
         if entry is not None:
-            moved = entry.staged.moved(args, self.options.debug)
+            if self.options.debug:
+                self._check_declared(entry, args)
+            moved = entry.staged.moved(args)
             if moved is None:
                 return entry.step
             self._drop(key, f"static input {moved} moved", moved=True)
@@ -131,6 +135,18 @@ class SignatureRunner:
         reason = self._refusal(key, args)
         return StepDescriptor(StepMode.CAPTURE, key) if reason is None else \
             StepDescriptor(StepMode.EAGER, key, reason=reason)
+
+    def _check_declared(self, entry: SignatureEntry, args: Sequence[Any]) -> None:
+        """(debug mode) A parameter or buffer must stay where the graph reads it."""
+        moved = entry.staged.declared_moved(args)
+        if moved is not None:
+            index, address = moved
+            name = self.plan.names[index]
+            raise StaticInputError(
+                f"graph input {name!r} (argument {index}, a parameter, buffer or tensor marked "
+                f"static) is at {args[index].data_ptr():#x}, but the graph for signature "
+                f"{entry.label} was captured reading {address:#x}; expected the same tensor at "
+                f"every call")
 
     def _replay(self, step: StepDescriptor, args: Sequence[Any]) -> Any:
         self._previous = None

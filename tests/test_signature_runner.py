@@ -15,7 +15,7 @@ from torch import fx
 
 from runtime import signature_runner as signature_module
 from runtime.graph_device import CaptureOptions
-from runtime.piece_runner import PieceCaptureError
+from runtime.piece_runner import PieceCaptureError, StaticInputError
 from runtime.replay_simulator import SimulatedGraph, SimulatedGraphDevice
 from runtime.signature_inputs import GraphInputs, StagedInputs
 from runtime.signature_runner import CHANGING, SignatureRunner
@@ -221,3 +221,22 @@ def test_an_input_whose_address_keeps_changing_is_copied_after_churn(replays: li
     (entry,) = runner.entries.values()
     assert entry.staged.checked == () and [i for i, _ in entry.staged.copy_back] == [1]
     assert len(replays) == 4  # the last four calls replay, whichever total they bring
+
+
+@pytest.mark.parametrize("debug", [True, False])
+def test_a_moved_weight_is_an_error_in_debug_mode_and_unseen_without(debug: bool) -> None:
+    weight = torch.randn(3)
+    runner = SignatureRunner(fx.symbolic_trace(lambda x, w: x * w),
+                             GraphInputs(frozenset({1}), static_shapes=True),
+                             [torch.randn(3), weight], graph_device=SimulatedGraphDevice("cpu"),
+                             capture_sizes=SIZES, options=CaptureOptions(debug=debug))
+    x = torch.randn(3)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(runner(x, weight), x * weight)
+        replaced = weight + 1
+        if debug:
+            with pytest.raises(StaticInputError, match="'w'.*expected the same tensor"):
+                runner(x, replaced)
+        else:  # as a CUDA graph would: the weight it was captured with
+            torch.testing.assert_close(runner(x, replaced), x * weight)
