@@ -4,26 +4,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import fx
 
-from compiler.capture import (
-    GraphBreakError,
-    ShapePropagator,
-    describe_graph_break,
-    symbolic_propagator,
-    symbolic_trace,
-)
+from compiler.backend import Backend
+from compiler.capture import (GraphBreakError, describe_graph_break, symbolic_propagator,
+                              symbolic_trace)
 from compiler.config import CompileConfig
-from compiler.pass_manager import PassManager
-from compiler.report import CompileReport, count_flops, weight_bytes
-from passes import DEFAULT_PIPELINE, PASSES, PassContext
-from runtime.runner import ModelRunnerBase, make_runner
-from runtime.split import DEFAULT_SPLITTING_OPS
-from runtime.step_context import CaptureSpec
+from compiler.pipeline import compile_traced
+from compiler.report import CompileReport
 
 logger = logging.getLogger(__name__)
 
@@ -93,53 +84,21 @@ def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[An
                     config: CompileConfig, device: torch.device) -> CompiledModel:
     refresh = symbolic_propagator(inputs)
     refresh(gm)
-    report = CompileReport(frontend="symbolic_trace", device=str(device))
-    example_context = getattr(model, "example_context", None)
-    run_context = (lambda: example_context(*inputs)) if callable(example_context) else None
-    gm = optimize_graph(gm, inputs, config, refresh, report, run_context)
-    if not config.capture_sizes:
-        return CompiledModel(gm, report, config, gm, model)
-    runner = build_runner(model, gm, inputs, config, device)
-    stats = runner.stats
-    report.pieces, report.captured_sizes = stats.pieces, stats.captured_sizes
-    report.decode_graph_sizes = stats.decode_graph_sizes
-    report.capture_seconds, report.graph_memory_bytes = stats.capture_seconds, stats.graph_memory_bytes
-    return CompiledModel(runner, report, config, gm, model)
-
-
-def build_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
-                 config: CompileConfig, device: torch.device) -> ModelRunnerBase:
-    """Split `gm` at the splitting ops and capture its pieces per token-count bucket.
-
-    Models that say how to capture them (`capture_spec`, fxkiln's own) are captured for their
-    decode steps; any other model for calls shaped like its example inputs, dim 0 of every
-    tensor input being the token dimension.
-    """
-    describe = getattr(model, "capture_spec", None)
-    if callable(describe):
-        spec = describe(max(config.capture_sizes), config.kv_cache_tokens)
-    else:
-        token_inputs = tuple(i for i, value in enumerate(inputs)
-                             if isinstance(value, torch.Tensor) and value.dim() > 0)
-        spec = CaptureSpec(inputs, token_input_indices=token_inputs)
-    splitting_ops = DEFAULT_SPLITTING_OPS if config.splitting_ops is None else config.splitting_ops
-    return make_runner(gm, spec.example_inputs, device=device, capture_sizes=config.capture_sizes,
-                       splitting_ops=splitting_ops, token_input_indices=spec.token_input_indices,
-                       warmup_runs=config.capture_warmup_runs, debug=config.debug,
-                       capture_failure=config.capture_failure, simulate=config.simulate_capture,
-                       step_context=spec.step_context, static_decode=spec.static_decode)
+    compiled = compile_traced(model, gm, inputs, refresh, config)
+    return CompiledModel(compiled.run, compiled.report, config, compiled.graph_module, model)
 
 
 def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],
                          config: CompileConfig) -> CompiledModel:
-    from compiler.backend import Backend  # the backend module imports this one
+    """One graph through Dynamo, dim 0 of every tensor input dynamic.
 
+    The dynamic marks go on aliases of the caller's tensors (same storage, new tensor objects),
+    so compiling leaves nothing on the caller's own tensors."""
     backend = Backend(config)
     optimized = torch.compile(model, backend=backend, fullgraph=True)
     args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            torch._dynamo.maybe_mark_dynamic(value, 0)
+    args, kwargs = tuple(_marked_alias(v) for v in args), {k: _marked_alias(v)
+                                                          for k, v in kwargs.items()}
     try:
         with torch.no_grad():
             optimized(*args, **kwargs)
@@ -151,56 +110,13 @@ def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[
     return CompiledModel(optimized, backend.reports[-1], config, backend.graph_modules[-1], model)
 
 
-def optimize_graph(gm: fx.GraphModule, inputs: Sequence[Any], config: CompileConfig,
-                   refresh: ShapePropagator, report: CompileReport,
-                   run_context: Callable[[], AbstractContextManager[Any]] | None = None,
-                   ) -> fx.GraphModule:
-    """Run the configured pipeline on `gm`, filling `report`'s pass, FLOP and weight figures.
-
-    `run_context` makes the context the graph needs to run at compile time (a project
-    model's forward context for its attention ops); FLOP counts and verification use it.
-    """
-    context_factory = run_context if run_context is not None else nullcontext
-    with context_factory():
-        report.flops_before = count_flops(gm, inputs)
-    report.weight_bytes_before = weight_bytes(gm)
-    context = PassContext(device=config.resolved_device(), kernels=config.kernels)
-    names = DEFAULT_PIPELINE if config.passes is None else config.passes
-    manager = PassManager(
-        [PASSES[name](context) for name in names],
-        refresh=refresh,
-        dump_dir=config.dump_dir,
-        verify_inputs=random_inputs_like(gm, inputs) if config.verify else None,
-        verify_context=run_context,
-    )
-    gm, records = manager(gm)
-    report.add_passes(records)
-    report.kernels = dict(gm.meta.get("fxkiln_kernels", {}))
-    with context_factory():
-        report.flops_after = count_flops(gm, inputs)
-    report.weight_bytes_after = weight_bytes(gm)
-    return gm
-
-
-def random_inputs_like(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """Fresh inputs shaped like `inputs`; weights (static placeholders) and sizes kept as they are.
-
-    Floats are standard normal; integers are drawn from the example's own range, so that token
-    ids and positions stay valid indices.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    randomized: list[Any] = []
-    for node, value in zip(placeholders, inputs):
-        if not isinstance(value, torch.Tensor) or "static_value" in node.meta:
-            randomized.append(value)
-        elif value.is_floating_point():
-            randomized.append(torch.randn_like(value))
-        elif value.dtype == torch.bool or value.numel() == 0:
-            randomized.append(value.clone())
-        else:
-            low, high = int(value.min()), int(value.max())
-            randomized.append(torch.randint_like(value, low, high + 1))
-    return tuple(randomized)
+def _marked_alias(value: Any) -> Any:
+    """A tensor with dim >= 1: an alias of it with dim 0 marked dynamic; anything else: as is."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    alias = value.detach()
+    torch._dynamo.maybe_mark_dynamic(alias, 0)
+    return alias
 
 
 def _example_inputs(model: torch.nn.Module,

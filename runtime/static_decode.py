@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from runtime.forward_context import AttentionMetadata, set_forward_context
+from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from runtime.kv_cache import AttentionSpec, LayerKVCache, allocate_kv_caches
 
 
@@ -68,6 +68,12 @@ class StaticDecodeState:
             seq_lens_tensor=self.seq_lens[:rows], static_decode=True, **encoder)
 
     # -- each replayed step -----------------------------------------------------------------
+    def serves(self, context: ForwardContext | None, rows: int) -> bool:
+        """Whether a step run in `context` uses these caches and, padded to `rows` rows, can
+        replay a captured decode step."""
+        return context is not None and context.kv_caches is self.kv_caches \
+            and self.accepts(context.attn_metadata, rows)
+
     def accepts(self, meta: AttentionMetadata, rows: int) -> bool:
         """Whether a step with `meta`, padded to `rows` rows, can replay a captured decode step."""
         if meta.static_decode or not meta.is_decode or meta.num_seqs > rows \

@@ -46,7 +46,9 @@ def test_finalize_ratios_bound_targets_and_agreement() -> None:
     assert rows[("llama-1b", "hf-eager", 8)]["speedup_over"] == {}  # no peer at that batch
     met = {name: target["met"] for name, target in result["targets"].items()}
     assert met == {"bart-large batch 1: fxkiln-graphs over hf-eager": True,
-                   "bart-large batch 1: fxkiln-graphs over hf-compile": True}
+                   "bart-large batch 1: fxkiln-graphs over hf-compile": True,
+                   "bart-large batch 1: hf-fxkiln over hf-compile-reduce-overhead": None,
+                   "llama-1b batch 1: hf-fxkiln over hf-compile-reduce-overhead": None}
     again = report.finalize(result)  # idempotent: fingerprints gone, figures unchanged
     assert again["rows"][0].get("argmax_agreement") == result["rows"][0].get("argmax_agreement")
 
