@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch import fx
 from compiler.capture import concrete_inputs, dynamo_propagator
 from compiler.compile import optimize_graph
 from compiler.config import CompileConfig
+from compiler.inputs import inputs_restored
 from compiler.report import CompileReport
 
 
@@ -35,27 +35,6 @@ class Backend:
         self.reports.append(report)
         self.graph_modules.append(gm)
         return gm
-
-
-@contextmanager
-def inputs_restored(inputs: Sequence[Any]) -> Iterator[None]:
-    """Undo in-place writes that running the graph at compile time makes to its inputs.
-
-    Dynamo hands the backend the live tensors of the call being compiled, such as a Hugging
-    Face StaticCache's keys, values and position counter, which the graph updates in place.
-    Without this, each compile-time run advances the user's cache (three steps instead of one).
-    Parameters are not snapshotted (inference graphs do not write them); other tensors are, and
-    those whose version counter moved are copied back.
-    """
-    saved = [(tensor, tensor._version, tensor.detach().clone()) for tensor in inputs
-             if isinstance(tensor, torch.Tensor) and not isinstance(tensor, torch.nn.Parameter)]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for tensor, version, copy in saved:
-                if tensor._version != version:
-                    tensor.copy_(copy)
 
 
 def backend(config: CompileConfig | None = None) -> Backend:

@@ -18,7 +18,15 @@ from compiler.capture import (
     symbolic_trace,
 )
 from compiler.config import CompileConfig
-from compiler.pass_manager import PassManager
+from compiler.inputs import (
+    CompileInputError,
+    check_model,
+    describe_dtype_mismatch,
+    inputs_restored,
+    model_state,
+)
+from compiler.inputs import example_inputs as checked_example_inputs
+from compiler.pass_manager import PassError, PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
 from runtime.runner import ModelRunnerBase, make_runner
@@ -26,8 +34,6 @@ from runtime.split import DEFAULT_SPLITTING_OPS
 from runtime.step_context import CaptureSpec
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_EXAMPLE_TOKENS = 8
 
 
 class CompiledModel:
@@ -70,10 +76,29 @@ def compile_model(
     one graph (a graph break is an error naming where it happened).
     """
     config = config if config is not None else CompileConfig()
+    if not isinstance(config, CompileConfig):
+        raise CompileInputError(f"compile_model: expected config as a CompileConfig, found "
+                                f"{type(config).__name__}")
     device = config.resolved_device()
-    _check_model_device(model, device)
-    inputs = _example_inputs(model, example_inputs)
+    check_model(model, device)
+    inputs = checked_example_inputs(model, example_inputs, device)
     start = time.perf_counter()
+    with inputs_restored(model_state(model, inputs)):  # compile-time runs write nothing
+        try:
+            compiled = _capture_and_compile(model, inputs, config, device)
+        except PassError:
+            raise
+        except Exception as exc:
+            mismatch = describe_dtype_mismatch(model, inputs)
+            if mismatch is None:
+                raise
+            raise CompileInputError(f"compile_model: {mismatch}") from exc
+    compiled.report.compile_seconds = time.perf_counter() - start
+    return compiled
+
+
+def _capture_and_compile(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],
+                         config: CompileConfig, device: torch.device) -> CompiledModel:
     if isinstance(inputs, tuple):
         try:
             gm = symbolic_trace(model)
@@ -81,12 +106,8 @@ def compile_model(
             logger.debug("symbolic_trace failed (%s: %s); capturing with Dynamo",
                          type(exc).__name__, exc)
         else:
-            compiled = _compile_traced(model, gm, inputs, config, device)
-            compiled.report.compile_seconds = time.perf_counter() - start
-            return compiled
-    compiled = _compile_with_dynamo(model, inputs, config)
-    compiled.report.compile_seconds = time.perf_counter() - start
-    return compiled
+            return _compile_traced(model, gm, inputs, config, device)
+    return _compile_with_dynamo(model, inputs, config)
 
 
 def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
@@ -201,30 +222,3 @@ def random_inputs_like(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[Any, 
             low, high = int(value.min()), int(value.max())
             randomized.append(torch.randint_like(value, low, high + 1))
     return tuple(randomized)
-
-
-def _example_inputs(model: torch.nn.Module,
-                    example_inputs: Sequence[Any] | Mapping[str, Any] | None,
-                    ) -> tuple[Any, ...] | dict[str, Any]:
-    if example_inputs is None:
-        make = getattr(model, "example_inputs", None)
-        if not callable(make):
-            raise ValueError(f"compile_model: {type(model).__name__} has no example_inputs("
-                             f"num_tokens) method, so example inputs must be given")
-        example_inputs = make(DEFAULT_EXAMPLE_TOKENS)
-    if isinstance(example_inputs, Mapping):
-        return dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence):
-        return tuple(example_inputs)
-    raise ValueError(f"compile_model: expected example_inputs as a tuple or a dict of keyword "
-                     f"inputs, found {type(example_inputs).__name__}")
-
-
-def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.device.type != device.type:
-            raise ValueError(f"compile_model: the config compiles for {device}, but "
-                             f"{type(model).__name__}.{name} is on {tensor.device}; move the "
-                             f"model (model.to({str(device)!r})) or set CompileConfig(device=...)")

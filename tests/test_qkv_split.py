@@ -194,7 +194,7 @@ class HiddenPattern(nn.Module):
 
 def test_hidden_pattern_with_other_names_and_views_is_rewritten() -> None:
     torch.manual_seed(0)
-    module = HiddenPattern()
+    module = HiddenPattern().eval()
     inputs = (torch.randn(2, 3, 8), torch.randn(2, 5, 8))
     compiled = compile_model(module, inputs, SPLIT_ONLY)
     assert compiled.report.passes["qkv_split"].matches == 4
