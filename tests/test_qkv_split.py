@@ -117,6 +117,31 @@ def test_report_flops_and_weight_bytes_fall_by_the_unread_rows() -> None:
     assert "qkv_split" in str(report)
 
 
+class GapOfOneRow(nn.Module):
+    """Reads features [0, 8) and [9, 17) of 24: one unread row between two read ranges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, _, second, _ = self.proj(x).split([8, 1, 8, 7], dim=-1)
+        return first * second
+
+
+def test_ranges_one_row_apart_stay_apart() -> None:
+    """Merging them would only waste a row, so outputs cannot tell: the weight rows can."""
+    module = GapOfOneRow().eval()
+    compiled = compile_model(module, (torch.randn(3, 8),), SPLIT_ONLY)
+    narrowed = {name: tuple(t.shape) for name, t in compiled.graph_module.named_buffers()}
+    assert narrowed == {"proj_weight_out_0_8": (8, 8), "proj_bias_out_0_8": (8,),
+                        "proj_weight_out_9_17": (8, 8), "proj_bias_out_9_17": (8,)}
+    assert compiled.report.weight_bytes_after == 4 * 16 * (8 + 1)  # 16 rows and bias entries
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), module(x))
+
+
 class MustNotRewrite(nn.Module):
     """Every part read; a split of tokens, not features; an output read whole next to a slice."""
 
