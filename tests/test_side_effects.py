@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from compiler import CompileConfig, compile_model
+from compiler.capture import TraceWriteError, symbolic_trace
 from compiler.pass_manager import PassManager, PassVerificationError
 from passes.base import GraphPass, PassContext, PassResult
 from passes.writes import written_args
@@ -199,3 +200,43 @@ def test_verify_catches_a_pass_that_drops_a_write_and_leaves_the_state_alone() -
                                                     r"'state' differs by up to"):
         manager(gm)
     assert torch.equal(model.state, before)  # verification ran both graphs, then put it back
+
+
+class HiddenWrite(nn.Module):
+    """Writes a buffer through `_buffers`, which tracing does not see as the model's state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._buffers["count"].add_(1)
+        return x + 1
+
+
+def test_a_write_tracing_cannot_record_sends_the_model_to_dynamo() -> None:
+    model = HiddenWrite().eval()
+    with pytest.raises(TraceWriteError, match=r"tracing HiddenWrite wrote into \['count'\]"):
+        symbolic_trace(model)
+    model.count.zero_()
+    compiled = compile_model(model, (torch.randn(2, 3),), CompileConfig(device="cpu",
+                                                                        capture_sizes=()))
+    assert compiled.report.frontend == "dynamo" and float(model.count) == 0
+    compiled(torch.randn(2, 3))
+    assert float(model.count) == 1
+
+
+def test_rebinding_a_buffer_to_a_traced_value_is_refused_and_leaves_the_model_whole() -> None:
+    class Rebinds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("last", torch.zeros(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.last = x.sum(0)
+            return x
+
+    model = Rebinds().eval()
+    with pytest.raises(TraceWriteError, match=r"Rebinds.last = %sum_1 .*cannot be recorded in a graph"):
+        symbolic_trace(model)
+    assert isinstance(model.last, torch.Tensor)  # no Proxy left behind on the model
