@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compiler import CompileConfig, compile_model
-from compiler.inputs import CompileInputError
+from compiler import CompileConfig, CompileInputError, compile_model
 from models import from_hf
 from tests.model_oracle import build_hf
 
