@@ -13,14 +13,13 @@ from hypothesis import strategies as st
 
 from models.llama import LlamaForCausalLM
 from models.parallel import TensorParallel
-from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from tests.model_oracle import (
     build_hf,
     hf_logits,
-    one_torch_thread,
     random_ids,
 )
 from tests.tp_worker import TPPool, TPTask, run_task
-from tests.tracing import fake_propagate, trace
+from tests.fx_helpers import output_value, trace
 
 ATOL = 1e-4
 
@@ -71,13 +70,13 @@ def test_two_compiled_ranks_replaying_graphs_give_the_single_rank_eager_tokens(
 def test_tp_graph_holds_one_collective_per_row_parallel_layer_and_embedding() -> None:
     hf = build_hf("llama", seed=5, num_hidden_layers=2)
     model = LlamaForCausalLM(hf.config, tp=TensorParallel(2, 0, group_name="unused"))
-    gm = trace(model)
+    gm = trace(model, model.example_inputs(3))
     collectives = [str(node.target) for node in gm.graph.nodes if "c10d" in str(node.target)]
     # embedding + (o_proj, down_proj) per layer reduce; the LM head gathers; each waits once
     assert collectives.count("_c10d_functional.all_reduce.default") == 1 + 2 * 2
     assert collectives.count("_c10d_functional.all_gather_into_tensor.default") == 1
     assert collectives.count("_c10d_functional.wait_tensor.default") == 1 + 2 * 2 + 1
-    assert fake_propagate(gm, model.example_inputs(3)).shape[1] == 101
+    assert output_value(gm).shape[1] == 101
 
 
 @st.composite

@@ -14,11 +14,10 @@ from models import UnsupportedConfigError, WeightLoadError, from_hf
 from models.llama import LlamaForCausalLM
 from models.weights import load_weights
 from runtime import generate
-from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from tests.model_oracle import (
     build_hf,
     decoder_prompt,
     hf_greedy,
-    one_torch_thread,
     random_ids,
 )
 
