@@ -73,7 +73,9 @@ def compile_model(
     `example_inputs` is a tuple of positional inputs or a dict of keyword inputs; models that
     define `example_inputs(num_tokens)` (fxkiln's own) may omit it. Models that
     `torch.fx.symbolic_trace` can trace are captured that way; others through TorchDynamo as
-    one graph (a graph break is an error naming where it happened).
+    one graph (a graph break is an error naming where it happened). The model must be in eval
+    mode; model and inputs are checked before any work (`compiler.inputs`, CompileInputError),
+    and compiling leaves the model's buffers and the inputs as they were.
     """
     config = config if config is not None else CompileConfig()
     if not isinstance(config, CompileConfig):

@@ -100,7 +100,7 @@ def _check_like_own_examples(model: torch.nn.Module, inputs: tuple[Any, ...],
                              make: Any) -> None:
     """A model that makes its own example inputs says which inputs and dtypes it takes."""
     try:
-        own = make(1)
+        own = make(DEFAULT_EXAMPLE_TOKENS)
     except NotImplementedError:
         return
     if len(inputs) != len(own):
