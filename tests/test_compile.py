@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU = CompileConfig(device="cpu")
 
 
+@pytest.mark.slow
 @given(case=models(), example_tokens=st.integers(1, 16), tokens=st.lists(st.integers(1, 40),
                                                                          min_size=1, max_size=3))
 def test_compiled_equals_eager_on_random_models(case: ModelCase, example_tokens: int,
@@ -109,6 +110,7 @@ def test_backend_by_name_after_import() -> None:
     torch.testing.assert_close(optimized(x), model(x))
 
 
+@pytest.mark.slow
 def test_backend_by_name_in_a_fresh_process_without_importing_compiler() -> None:
     try:
         distribution = importlib.metadata.distribution("fxkiln")
@@ -148,7 +150,8 @@ def _tiny_llama() -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-@settings(max_examples=3)
+@pytest.mark.slow
+@settings(max_examples=2)  # each example is a Dynamo compile of the model
 @given(batch=st.integers(1, 3), length=st.integers(2, 9))
 def test_hugging_face_bart_compiles_and_matches_eager(batch: int, length: int) -> None:
     model = _tiny_bart()
@@ -161,7 +164,8 @@ def test_hugging_face_bart_compiles_and_matches_eager(batch: int, length: int) -
     torch.testing.assert_close(compiled(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-@settings(max_examples=3)
+@pytest.mark.slow
+@settings(max_examples=2)  # each example is a Dynamo compile of the model
 @given(batch=st.integers(1, 3), length=st.integers(2, 9))
 def test_hugging_face_llama_compiles_and_matches_eager(batch: int, length: int) -> None:
     model = _tiny_llama()

@@ -124,6 +124,7 @@ def test_property_every_field_is_part_of_the_identity(values: dict[str, Any]) ->
     assert from_env == config and from_env.hash() == config.hash()
 
 
+@pytest.mark.slow
 def test_hash_is_the_same_in_another_process() -> None:
     config = CompileConfig(kernels={"rms_norm": "native"}, capture_sizes=(1, 8), device="cpu")
     code = ("from compiler import CompileConfig;"

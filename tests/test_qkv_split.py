@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -62,7 +62,8 @@ return scaled_dot_product_attention"""
 def run_split(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]):
     result = QkvSplitPass(PassContext())(gm)
     gm.graph.lint()
-    symbolic_propagator(inputs)(gm)  # what the PassManager does after a pass that modified
+    if result.modified:  # what the PassManager does after a pass that modified the graph
+        symbolic_propagator(inputs)(gm)
     return result
 
 
@@ -252,6 +253,8 @@ def test_dynamo_placeholder_weights_are_narrowed() -> None:
             torch.testing.assert_close(compiled(*inputs), module(*inputs))
 
 
+@pytest.mark.slow
+@settings(max_examples=10)
 @given(shape=shapes(), tokens=st.integers(1, 9), encoder_tokens=st.integers(1, 9),
        other=st.integers(1, 12))
 def test_split_is_exact_idempotent_and_never_adds_flops(shape: Shape, tokens: int,
@@ -273,6 +276,7 @@ def test_split_is_exact_idempotent_and_never_adds_flops(shape: Shape, tokens: in
             torch.testing.assert_close(gm(*x), module(*x), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=6)  # a refusal: each example only traces and propagates shapes
 @given(shape=shapes(), tokens=st.integers(1, 6))
 def test_self_attention_is_never_rewritten(shape: Shape, tokens: int) -> None:
     module = FusedSelfAttention(shape).eval()

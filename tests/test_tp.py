@@ -41,6 +41,7 @@ def task_for(kind: str, seed: int, overrides: dict[str, Any], mode: str = "logit
                   random_ids((2, 5), vocab, seed + 3), overrides, mode)
 
 
+@pytest.mark.slow  # the first test to use the pool starts its two rank processes
 @pytest.mark.parametrize(("kind", "overrides"), [
     ("llama", dict(num_key_value_heads=2, vocab_size=101)),  # odd vocab: padded vocab shards
     ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # KV head replicated
@@ -54,6 +55,7 @@ def test_two_ranks_give_the_single_rank_logits_and_tokens(tp_pool: TPPool, kind:
     assert torch.equal(tp_pool.run(task), run_task(task, tp_size=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "bart"])
 def test_two_compiled_ranks_replaying_graphs_give_the_single_rank_eager_tokens(
         tp_pool: TPPool, kind: str) -> None:
@@ -99,6 +101,7 @@ def model_cases(draw: st.DrawFn) -> tuple[str, int, dict[str, Any]]:
                           decoder_ffn_dim=ffn, vocab_size=vocab)
 
 
+@pytest.mark.slow
 @given(case=model_cases(), seed=st.integers(0, 1000))
 def test_logits_equal_hf_for_any_size_heads_kv_heads_layers_and_tp(
         tp_pool: TPPool, case: tuple[str, int, dict[str, Any]], seed: int) -> None:

@@ -138,6 +138,7 @@ def test_registered_first_in_default_pipeline() -> None:
 CHOICES = st.sampled_from(["auto", "native", "triton"])
 
 
+@pytest.mark.slow
 @needs_interpreter
 @given(tokens=st.integers(1, 6), kv_heads=st.integers(1, 2), group=st.integers(1, 2),
        head_size=st.sampled_from([4, 8]), hidden=st.sampled_from([8, 24]),
