@@ -13,12 +13,19 @@ from compiler.backend import Backend
 from compiler.capture import (GraphBreakError, describe_graph_break, symbolic_propagator,
                               symbolic_trace)
 from compiler.config import CompileConfig
+from compiler.inputs import (
+    CompileInputError,
+    check_model,
+    describe_dtype_mismatch,
+    model_state,
+)
+from compiler.inputs import example_inputs as checked_example_inputs
+from compiler.pass_manager import PassError
 from compiler.pipeline import compile_traced
 from compiler.report import CompileReport
+from runtime.input_snapshot import InputSnapshot, writable_inputs
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_EXAMPLE_TOKENS = 8
 
 
 class CompiledModel:
@@ -58,13 +65,35 @@ def compile_model(
     `example_inputs` is a tuple of positional inputs or a dict of keyword inputs; models that
     define `example_inputs(num_tokens)` (fxkiln's own) may omit it. Models that
     `torch.fx.symbolic_trace` can trace are captured that way; others through TorchDynamo as
-    one graph (a graph break is an error naming where it happened).
+    one graph (a graph break is an error naming where it happened). The model must be in eval
+    mode; model and inputs are checked before any work (`compiler.inputs`, CompileInputError),
+    and compiling leaves the model's buffers and the inputs as they were.
     """
     config = config if config is not None else CompileConfig()
+    if not isinstance(config, CompileConfig):
+        raise CompileInputError(f"compile_model: expected config as a CompileConfig, found "
+                                f"{type(config).__name__}")
     device = config.resolved_device()
-    _check_model_device(model, device)
-    inputs = _example_inputs(model, example_inputs)
+    check_model(model, device)
+    inputs = checked_example_inputs(model, example_inputs, device)
     start = time.perf_counter()
+    snapshot = InputSnapshot(writable_inputs(model_state(model, inputs)))
+    with snapshot.restoring():  # compile-time runs write nothing the caller keeps
+        try:
+            compiled = _capture_and_compile(model, inputs, config, device)
+        except PassError:
+            raise
+        except Exception as exc:
+            mismatch = describe_dtype_mismatch(model, inputs)
+            if mismatch is None:
+                raise
+            raise CompileInputError(f"compile_model: {mismatch}") from exc
+    compiled.report.compile_seconds = time.perf_counter() - start
+    return compiled
+
+
+def _capture_and_compile(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],
+                         config: CompileConfig, device: torch.device) -> CompiledModel:
     if isinstance(inputs, tuple):
         try:
             gm = symbolic_trace(model)
@@ -72,12 +101,8 @@ def compile_model(
             logger.debug("symbolic_trace failed (%s: %s); capturing with Dynamo",
                          type(exc).__name__, exc)
         else:
-            compiled = _compile_traced(model, gm, inputs, config, device)
-            compiled.report.compile_seconds = time.perf_counter() - start
-            return compiled
-    compiled = _compile_with_dynamo(model, inputs, config)
-    compiled.report.compile_seconds = time.perf_counter() - start
-    return compiled
+            return _compile_traced(model, gm, inputs, config, device)
+    return _compile_with_dynamo(model, inputs, config)
 
 
 def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
@@ -117,30 +142,3 @@ def _marked_alias(value: Any) -> Any:
     alias = value.detach()
     torch._dynamo.maybe_mark_dynamic(alias, 0)
     return alias
-
-
-def _example_inputs(model: torch.nn.Module,
-                    example_inputs: Sequence[Any] | Mapping[str, Any] | None,
-                    ) -> tuple[Any, ...] | dict[str, Any]:
-    if example_inputs is None:
-        make = getattr(model, "example_inputs", None)
-        if not callable(make):
-            raise ValueError(f"compile_model: {type(model).__name__} has no example_inputs("
-                             f"num_tokens) method, so example inputs must be given")
-        example_inputs = make(DEFAULT_EXAMPLE_TOKENS)
-    if isinstance(example_inputs, Mapping):
-        return dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence):
-        return tuple(example_inputs)
-    raise ValueError(f"compile_model: expected example_inputs as a tuple or a dict of keyword "
-                     f"inputs, found {type(example_inputs).__name__}")
-
-
-def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.device.type != device.type:
-            raise ValueError(f"compile_model: the config compiles for {device}, but "
-                             f"{type(model).__name__}.{name} is on {tensor.device}; move the "
-                             f"model (model.to({str(device)!r})) or set CompileConfig(device=...)")

@@ -42,6 +42,8 @@ class InputSnapshot:
 
 
 def writable_inputs(inputs: Iterable[object]) -> list[torch.Tensor]:
-    """The tensors among `inputs` that a graph may write: all but parameters."""
+    """The tensors among `inputs` that a graph may write: all but parameters (inference graphs
+    do not write them) and inference tensors (nothing outside inference mode can write them)."""
     return [value for value in inputs
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)]
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+            and not value.is_inference()]

@@ -6,10 +6,8 @@ is deterministic given (kind, seed, config overrides).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import torch
 import transformers
 
@@ -120,14 +118,3 @@ def step_logits(model: Any, prompt: torch.Tensor, continuation: torch.Tensor,
     outputs = [session.prefill(prompt, encoder_ids)]
     outputs += [session.decode(tokens).unsqueeze(1) for tokens in continuation.unbind(dim=1)]
     return torch.cat(outputs, dim=1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: intra-op threads only contend (measured: a BART
-    test step 2.7 s with the default threads under load, 0.03 s with one). Import this fixture
-    into a test module to apply it there."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

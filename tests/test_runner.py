@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,15 +24,6 @@ from tests.model_oracle import build_hf, decoder_prompt, random_ids, step_logits
 from tests.runner_models import (HIDDEN, SPLITTING_OPS, CompiledLike, attention_stack_graph,
                                  causal_attention, make_weights, placeholder_weights_graph,
                                  placeholder_weights_inputs)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny ops: threads only contend on a shared machine (each op 10x slower with them)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SIZES = (1, 2, 4, 8)

@@ -11,8 +11,8 @@ from passes import DEFAULT_PIPELINE, PASSES
 from passes.kernel_choice import MATCHED_TARGETS, KernelChoicePass, chosen_kernels
 from runtime.kernels import native, triton_kernels
 from runtime.ops import DISPATCH_OPS
-from tests.kernels.helpers import (TOLERANCES, LlamaShaped, choose_kernels, count_targets,
-                                   trace)
+from tests.fx_helpers import trace
+from tests.kernels.helpers import TOLERANCES, LlamaShaped, choose_kernels, count_targets
 
 # The dispatch ops LlamaShaped (vLLM's Llama) calls.
 LLAMA_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
@@ -53,7 +53,7 @@ def _code(gm: torch.fx.GraphModule) -> str:
 
 @needs_interpreter
 def test_golden_graph() -> None:
-    gm = trace(NormThenSilu(), torch.randn(4, 64))
+    gm = trace(NormThenSilu(), (torch.randn(4, 64),))
     assert _code(gm) == GOLDEN_BEFORE
     result = choose_kernels(gm, {"rms_norm": "triton"})
     gm.graph.lint()
@@ -71,7 +71,7 @@ def test_docstring_shows_the_golden_graphs() -> None:
 def test_op_counts_on_llama_shaped_graph() -> None:
     layers = 3
     model = LlamaShaped(layers=layers)
-    gm = trace(model, *model.example_inputs(5))
+    gm = trace(model, model.example_inputs(5))
     dispatch = set(MATCHED_TARGETS)
     before = {op: count_targets(gm, {t for t, name in MATCHED_TARGETS.items() if name == op})
               for op in DISPATCH_OPS if op in LLAMA_OPS}
@@ -92,7 +92,7 @@ def test_must_not_rewrite_ordinary_norm_and_silu() -> None:
             gate, up = torch.rms_norm(x, (x.shape[-1],), weight, 1e-6).chunk(2, dim=-1)
             return F.silu(gate) * up
 
-    gm = trace(Ordinary(), torch.randn(3, 8), torch.randn(8))
+    gm = trace(Ordinary(), (torch.randn(3, 8), torch.randn(8)))
     before = _code(gm)
     result = choose_kernels(gm, {"rms_norm": "native", "silu_and_mul": "native"})
     assert not result.modified and result.matches == 0
@@ -109,7 +109,7 @@ def test_keyword_arguments_are_passed_in_schema_order() -> None:
             return out + new_residual
 
     inputs = (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8))
-    gm = trace(Keywords(), *inputs)
+    gm = trace(Keywords(), inputs)
     expected = gm(*inputs)
     choose_kernels(gm)
     (call,) = [n for n in gm.graph.nodes if n.target is native.fused_add_rms_norm]
@@ -119,7 +119,7 @@ def test_keyword_arguments_are_passed_in_schema_order() -> None:
 
 @needs_interpreter
 def test_explicit_choice_the_device_cannot_run_names_op_device_and_runnable() -> None:
-    gm = trace(NormThenSilu(), torch.randn(4, 64, dtype=torch.float64))
+    gm = trace(NormThenSilu(), (torch.randn(4, 64, dtype=torch.float64),))
     with pytest.raises(ValueError) as error:
         choose_kernels(gm, {"rms_norm": "triton"})
     message = str(error.value)
@@ -128,7 +128,7 @@ def test_explicit_choice_the_device_cannot_run_names_op_device_and_runnable() ->
 
 
 def test_missing_shape_propagation_names_the_node() -> None:
-    gm = torch.fx.symbolic_trace(NormThenSilu())
+    gm = trace(NormThenSilu())  # no inputs: no shape propagation
     with pytest.raises(ValueError, match=r"meta\['val'\].*rms_norm"):
         choose_kernels(gm)
 
@@ -144,6 +144,7 @@ def test_registered_after_the_lifting_passes_in_default_pipeline() -> None:
 CHOICES = st.sampled_from(["auto", "native", "triton"])
 
 
+@pytest.mark.slow
 @needs_interpreter
 @given(tokens=st.integers(1, 6), kv_heads=st.integers(1, 2), group=st.integers(1, 2),
        head_size=st.sampled_from([4, 8]), hidden=st.sampled_from([8, 24]),
@@ -159,7 +160,7 @@ def test_compiled_equals_eager_and_pass_is_idempotent(
     kernels = dict(zip(LLAMA_OPS, choices, strict=True))
     with torch.inference_mode():
         expected = model(*inputs)
-        gm = trace(model, *inputs)
+        gm = trace(model, inputs)
         choose_kernels(gm, kernels)
         code = gm.code
         again = choose_kernels(gm, kernels)
