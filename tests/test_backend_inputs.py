@@ -111,7 +111,7 @@ def test_compile_model_leaves_no_mark_on_the_callers_tensors() -> None:
 
     torch._dynamo.reset()
     x, scale = torch.randn(5, 4), torch.randn(5, 1)
-    compiled = compile_model(Branchy(), {"x": x, "scale": scale}, CPU)
+    compiled = compile_model(Branchy().eval(), {"x": x, "scale": scale}, CPU)
     assert compiled.report.frontend == "dynamo"
     assert vars(x) == {} and vars(scale) == {}  # maybe_mark_dynamic sets attributes
     other = torch.randn(7, 4)
