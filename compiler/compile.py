@@ -18,6 +18,7 @@ from compiler.capture import (
     symbolic_trace,
 )
 from compiler.config import CompileConfig
+from compiler.hf_capture import is_transformers_model
 from compiler.pass_manager import PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
@@ -65,15 +66,23 @@ def compile_model(
     """Capture `model`, rewrite its graph with the configured passes, and return it compiled.
 
     `example_inputs` is a tuple of positional inputs or a dict of keyword inputs; models that
-    define `example_inputs(num_tokens)` (fxkiln's own) may omit it. Models that
+    define `example_inputs(num_tokens)` (fxkiln's own) may omit it. A Hugging Face causal or
+    encoder-decoder LM given without them becomes a serving graph (`compiler.hf_serving`):
+    its attention runs over the runtime's KV caches and `runtime.generate` drives it. Models that
     `torch.fx.symbolic_trace` can trace are captured that way; others through TorchDynamo as
     one graph (a graph break is an error naming where it happened).
     """
     config = config if config is not None else CompileConfig()
     device = config.resolved_device()
     _check_model_device(model, device)
-    inputs = _example_inputs(model, example_inputs)
     start = time.perf_counter()
+    if example_inputs is None and is_transformers_model(model):  # a serving graph of it
+        from compiler.hf_serving import compile_hf_model
+
+        compiled = compile_hf_model(model, config, device)
+        compiled.report.compile_seconds = time.perf_counter() - start
+        return compiled
+    inputs = _example_inputs(model, example_inputs)
     if isinstance(inputs, tuple):
         try:
             gm = symbolic_trace(model)

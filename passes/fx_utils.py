@@ -80,10 +80,19 @@ def constant_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
 
 # -- liveness -------------------------------------------------------------------------------
 
+IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                                operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                                operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                                operator.imatmul, operator.setitem})
+
+
 def is_impure(node: fx.Node) -> bool:
-    """FX's notion, plus in-place methods and functions (`out.copy_(x)`), which it misses."""
+    """FX's notion, plus in-place methods and functions (`out.copy_(x)`, `x += y`), which it
+    misses. `operator.and_`, `operator.or_` and `operator.not_` are not in place."""
     if node.is_impure():
         return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
+        return node.target in IN_PLACE_OPERATORS
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     in_place = name.endswith("_") and not name.startswith("_")
     return node.op in ("call_method", "call_function") and in_place
