@@ -145,7 +145,7 @@ def _plain_graph_module(exported: fx.GraphModule, roles: list[str], name: str
     assert len(placeholders) == len(roles), "the export kept one placeholder per input"
     for node, role in zip(placeholders, roles):
         env[node] = graph.placeholder(role)
-        env[node].meta = {**node.meta, ROLE_KEY: role}
+        env[node].meta = {**_own_meta(node), ROLE_KEY: role}
     for node in exported.graph.nodes:
         if node.op == "placeholder":
             continue
@@ -157,4 +157,12 @@ def _plain_graph_module(exported: fx.GraphModule, roles: list[str], name: str
             graph.output(env[leaves[0]])
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node].meta = _own_meta(node)
     return fx.GraphModule(exported, graph, f"{name}Serving")
+
+
+def _own_meta(node: fx.Node) -> dict[str, Any]:
+    """Node meta without Dynamo's example values: their symbols belong to the export's shape
+    environment (shape propagation gives every node a fresh `val`), and split_module would
+    read them as this graph's."""
+    return {key: value for key, value in node.meta.items() if key != "example_value"}

@@ -52,10 +52,34 @@ class CachedAttentionPass(GraphPass):
     keys and from the mask, proven causal or full by evaluation (`passes.mask_proof`). Anything
     the op cannot express raises `UnsupportedAttentionError` before the graph is touched.
 
-    Before (the golden test's graph, one causal GQA layer):
-        sdpa = torch._C._nn.scaled_dot_product_attention(q, repeat_k, repeat_v, attn_mask = mask, ...)
-    After:
-        ... (see tests/test_cached_attention.py::test_golden)
+    Before (the golden test's graph: 2 query heads over 1 KV head of size 4, HF's mask):
+        transpose = view.transpose(1, 2)
+        transpose_1 = view_1.transpose(1, 2)
+        getitem_2 = transpose_1[(slice(None, None, None), slice(None, None, None), None, ...)]
+        expand = getitem_2.expand(1, 1, 2, getitem, 4)
+        reshape = expand.reshape(1, 2, getitem, 4)
+        arange = torch.arange(getitem)
+        getitem_3 = arange[(None, slice(None, None, None))]
+        arange_1 = torch.arange(getitem)
+        getitem_4 = arange_1[(slice(None, None, None), None)]
+        le = getitem_3 <= getitem_4
+        getitem_5 = le[(None, None)]
+        scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(
+            transpose, reshape, reshape, attn_mask = getitem_5, scale = 0.5)
+        transpose_2 = scaled_dot_product_attention.transpose(1, 2)
+    After (the spec {'attention_0': 2 heads, 1 KV head, size 4, scale 0.5, decoder}):
+        transpose = view.transpose(1, 2)
+        transpose_1 = view_1.transpose(1, 2)
+        transpose_3 = transpose.transpose(1, 2)
+        reshape_2 = transpose_3.reshape(-1, 8)
+        transpose_4 = transpose_1.transpose(1, 2)
+        reshape_3 = transpose_4.reshape(-1, 4)
+        empty_like = torch.empty_like(reshape_2)
+        attention_default = torch.ops.fxkiln.attention.default(
+            reshape_2, reshape_3, reshape_3, empty_like, 'attention_0')
+        view_as = empty_like.view_as(transpose_3)
+        transpose_5 = view_as.transpose(1, 2)
+        transpose_2 = transpose_5.transpose(1, 2)
     """
 
     name = "cached_attention"
@@ -128,13 +152,15 @@ class CachedAttentionPass(GraphPass):
 def _rewrite(graph: fx.Graph, plan: Plan) -> None:
     match, spec = plan.match, plan.spec
     with graph.inserting_before(match.output):
-        rows = []
+        rows: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         for tensor, heads in ((match.query, spec.num_heads), (match.key, spec.num_kv_heads),
                               (match.value, spec.num_kv_heads)):
-            by_token = graph.call_method("transpose", (tensor, 1, 2))   # (1, tokens, heads, hd)
-            rows.append((by_token, graph.call_method(
-                "reshape", (by_token, -1, heads * spec.head_size))))    # (tokens, heads * hd)
-        (query_by_token, query), (_, key), (_, value) = rows
+            if tensor not in rows:  # key and value may be one tensor
+                by_token = graph.call_method("transpose", (tensor, 1, 2))  # (1, tokens, heads, hd)
+                rows[tensor] = by_token, graph.call_method(
+                    "reshape", (by_token, -1, heads * spec.head_size))     # (tokens, heads * hd)
+        (query_by_token, query), (_, key), (_, value) = (rows[match.query], rows[match.key],
+                                                          rows[match.value])
         output = graph.call_function(torch.empty_like, (query,))
         graph.call_function(torch.ops.fxkiln.attention.default,
                             (query, key, value, output, plan.layer_name))

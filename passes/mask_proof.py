@@ -68,13 +68,16 @@ class MaskProver:
             value = module(*(self._probe_input(leaf, bindings, sizes) for leaf in leaves))
             rows, columns = sizes[query.name], sizes[key.name]
             allowed = _allowed(attention, mask, value, rows, columns)
+            before = set(kinds)
             kinds &= _kinds_of(allowed, rows, columns, query is key)
             if not kinds:
-                raise UnsupportedAttentionError(attention, f"its mask ({mask.name}) is neither "
-                                                f"causal nor full at {rows} queries and "
-                                                f"{columns} keys (a sliding window shorter "
-                                                f"than the {self.max_positions} positions "
-                                                f"served, or another pattern)")
+                wanted = MaskKind.CAUSAL if MaskKind.CAUSAL in before else MaskKind.FULL
+                raise UnsupportedAttentionError(
+                    attention, f"its mask ({mask.name}) is neither causal nor full: at "
+                               f"{rows} queries and {columns} keys, "
+                               f"{_first_difference(allowed, wanted)} (a sliding window shorter "
+                               f"than the {self.max_positions} positions served, or another "
+                               f"pattern)")
         return MaskKind.CAUSAL if MaskKind.CAUSAL in kinds else MaskKind.FULL
 
     # -- the mask subgraph ------------------------------------------------------------------
@@ -205,6 +208,19 @@ def _kinds_of(allowed: torch.Tensor, rows: int, columns: int, self_attention: bo
         if bool((allowed == causal).all()):
             kinds.add(MaskKind.CAUSAL)
     return kinds
+
+
+def _first_difference(allowed: torch.Tensor, wanted: MaskKind) -> str:
+    """Where `allowed` departs from the `wanted` pattern, in words."""
+    rows, columns = allowed.shape[-2:]
+    expected = torch.ones(rows, columns, dtype=torch.bool, device=allowed.device)
+    if wanted is MaskKind.CAUSAL:
+        expected = expected.tril()
+    head, query, key = (int(i) for i in (allowed != expected).reshape(-1, rows, columns)
+                        .nonzero()[0])
+    sees = "sees" if bool(allowed.reshape(-1, rows, columns)[head, query, key]) else \
+        "does not see"
+    return f"query {query} {sees} key {key} (head {head}), unlike {wanted.value} attention"
 
 
 def _is_size(node: fx.Node) -> bool:

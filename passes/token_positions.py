@@ -28,13 +28,19 @@ class TokenPositionsPass(GraphPass):
     masks (built from the same aranges) are gone by then; an arange that is still live counts
     positions.
 
-    Before (the golden test's graph):
-        arange = torch.arange(0, sym_size_int, dtype = torch.int64)
+    Before (the golden test's graph, positions counted as BART does):
+        getattr_1 = input_ids.shape
+        getitem = getattr_1[0]
+        arange = torch.arange(0, getitem, dtype = torch.int64)
+        embedding = torch.nn.functional.embedding(input_ids, embed_weight, ...)
         add = arange + 2
-        embedding = torch.nn.functional.embedding(add, weight)
-    After:
+        embedding_1 = torch.nn.functional.embedding(add, table_weight, ...)
+        add_1 = embedding + embedding_1
+    After (the size nodes left dead go in cleanup):
+        embedding = torch.nn.functional.embedding(input_ids, embed_weight, ...)
         add = positions + 2
-        embedding = torch.nn.functional.embedding(add, weight)
+        embedding_1 = torch.nn.functional.embedding(add, table_weight, ...)
+        add_1 = embedding + embedding_1
     """
 
     name = "token_positions"

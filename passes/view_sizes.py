@@ -27,9 +27,13 @@ class ViewSizesPass(GraphPass):
     propagation knows the inferred size is a constant, this pass writes it in.
 
     Before (the golden test's graph):
-        view = linear.view((1, sym_size_int, -1, 8))
-    After:
-        view = linear.view((1, sym_size_int, 4, 8))
+        view = embedding.view(1, getitem, -1, 8)
+        ...
+        reshape = transpose_1.reshape(-1, getitem_2)
+    After (the second -1 is the symbolic token count: it stays):
+        view = embedding.view(1, getitem, 4, 8)
+        ...
+        reshape = transpose_1.reshape(-1, getitem_2)
     """
 
     name = "view_sizes"
