@@ -62,8 +62,9 @@ class _CausalLMStep(nn.Module):
 class _Seq2SeqStep(_CausalLMStep):
     """`(input_ids, positions, encoder_input_ids, encoder_positions)` -> logits (tokens, vocab)."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,  # type: ignore[override]  # four inputs
-                encoder_input_ids: torch.Tensor, encoder_positions: torch.Tensor) -> torch.Tensor:
+    def forward(  # type: ignore[override]  # four inputs where the base class takes two
+            self, input_ids: torch.Tensor, positions: torch.Tensor,
+            encoder_input_ids: torch.Tensor, encoder_positions: torch.Tensor) -> torch.Tensor:
         extra = {self.positions_keyword: positions[None]} if self.positions_keyword else {}
         return self.hf(input_ids=encoder_input_ids[None], decoder_input_ids=input_ids[None],
                        use_cache=False, **extra).logits[0]

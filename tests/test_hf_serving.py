@@ -191,3 +191,13 @@ def test_cuda_graphs_give_hugging_face_tokens(name: str) -> None:
                                encoder_ids=source)
     assert torch.equal(generate(compiled, prompt, NEW_TOKENS, source, eos_token_id=eos,
                                 pad_token_id=0), with_eos)
+
+
+@pytest.mark.slow
+def test_a_save_pretrained_folder_goes_the_same_way(tmp_path) -> None:
+    """A checkpoint folder loads through transformers and compiles like the object it came from."""
+    build("qwen2").save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    prompt, _, expected = hf_tokens(hf)
+    assert torch.equal(generate(compile_model(hf, config=PLAIN), prompt, NEW_TOKENS,
+                                ignore_eos=True), expected)
