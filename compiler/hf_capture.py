@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -27,11 +28,13 @@ from torch.utils import _pytree as pytree
 
 from compiler.capture import GraphBreakError, describe_graph_break
 from passes.cached_attention import MODULE_PREFIX_KEY
-from passes.token_streams import DECODER, ENCODER, MAX_POSITIONS_KEY, ROLE_KEY, ROLES
+from passes.token_streams import (DECODER, ENCODER, MAX_POSITIONS_KEY, ROLE_KEY, ROLES,
+                                  SEQUENCE_TOKENS_KEY)
 
 logger = logging.getLogger(__name__)
 
 CAPTURE_TOKENS = {DECODER: 5, ENCODER: 7}  # >= 2 (Dynamo specializes 0 and 1), and distinct
+CAPTURE_SEQUENCES = 2                      # sequences of a batched (speech) encoder input
 MATCHED_ATTENTION = ("eager", "sdpa")      # implementations whose graphs the passes match
 CAPTURE_ATTENTION = "sdpa"                 # captured instead of any other implementation
 
@@ -70,6 +73,42 @@ class _Seq2SeqStep(_CausalLMStep):
                        use_cache=False, **extra).logits[0]
 
 
+class _SpeechSeq2SeqStep(_CausalLMStep):
+    """`(input_ids, positions, input_features, encoder_positions)` -> logits (tokens, vocab):
+    the encoder reads features (sequences, mel bins, frames), a batched stream."""
+
+    def forward(  # type: ignore[override]  # four inputs where the base class takes two
+            self, input_ids: torch.Tensor, positions: torch.Tensor,
+            input_features: torch.Tensor, encoder_positions: torch.Tensor) -> torch.Tensor:
+        extra = {self.positions_keyword: positions[None]} if self.positions_keyword else {}
+        return self.hf(input_features=input_features, decoder_input_ids=input_ids[None],
+                       use_cache=False, **extra).logits[0]
+
+
+def speech_features(hf: nn.Module) -> tuple[int, int, int] | None:
+    """(mel bins, frames, encoder tokens per sequence) of a speech encoder-decoder's input
+    features (Whisper: the frames its convolutions reduce to `max_source_positions` tokens),
+    or None for a model whose inputs are token ids."""
+    if getattr(hf, "main_input_name", "input_ids") != "input_features":
+        return None
+    config = hf.config
+    bins, tokens = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions",
+                                                                  None)
+    if not getattr(config, "is_encoder_decoder", False) or bins is None or tokens is None:
+        raise UnsupportedModelError(f"{type(hf).__name__} takes input_features; expected an "
+                                    f"encoder-decoder with num_mel_bins and "
+                                    f"max_source_positions in its config (as Whisper)")
+    strides = math.prod(m.stride[0] for m in hf.get_encoder().modules()
+                        if isinstance(m, nn.Conv1d))
+    return int(bins), int(tokens * strides), int(tokens)
+
+
+def max_positions(config: Any) -> int | None:
+    """Decoder positions the model serves (Whisper names them max_target_positions)."""
+    return getattr(config, "max_position_embeddings", None) or \
+        getattr(config, "max_target_positions", None)
+
+
 def check_servable(hf: nn.Module) -> None:
     """UnsupportedModelError unless `hf` is an LM (causal or encoder-decoder) in eval mode."""
     name = type(hf).__name__
@@ -81,9 +120,9 @@ def check_servable(hf: nn.Module) -> None:
         raise UnsupportedModelError(f"{name} has no LM head (get_output_embeddings() is None); "
                                     f"expected a causal LM or an encoder-decoder LM such as "
                                     f"LlamaForCausalLM or BartForConditionalGeneration")
-    if getattr(hf, "main_input_name", "input_ids") != "input_ids":
-        raise UnsupportedModelError(f"{name} takes {hf.main_input_name!r}, not token ids; "
-                                    f"expected a model whose inputs are input_ids")
+    if getattr(hf, "main_input_name", "input_ids") not in ("input_ids", "input_features"):
+        raise UnsupportedModelError(f"{name} takes {hf.main_input_name!r}; expected a model "
+                                    f"whose inputs are input_ids (or Whisper's input_features)")
 
 
 def capture_hf(hf: nn.Module) -> fx.GraphModule:
@@ -93,15 +132,25 @@ def capture_hf(hf: nn.Module) -> fx.GraphModule:
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     keyword = "decoder_position_ids" if seq2seq else "position_ids"
     takes_positions = keyword in inspect.signature(hf.forward).parameters
-    step = (_Seq2SeqStep if seq2seq else _CausalLMStep)(hf, keyword if takes_positions else None)
+    speech = speech_features(hf)
+    step_class = _SpeechSeq2SeqStep if speech else _Seq2SeqStep if seq2seq else _CausalLMStep
+    step = step_class(hf, keyword if takes_positions else None)
     streams = (DECODER, ENCODER) if seq2seq else (DECODER,)
-    device = next(hf.parameters()).device
+    parameter = next(hf.parameters())
     inputs, dynamic = [], []
     for stream in streams:
         n = CAPTURE_TOKENS[stream]
         dim = torch.export.Dim(f"{stream}_tokens")
-        inputs += [torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device)]
-        dynamic += [{0: dim}, {0: dim}]
+        ids = torch.zeros(n, dtype=torch.long, device=parameter.device)
+        if stream == ENCODER and speech:  # two sequences of features, a symbolic count
+            ids = torch.zeros(CAPTURE_SEQUENCES, *speech[:2], dtype=parameter.dtype,
+                              device=parameter.device)
+            n = CAPTURE_SEQUENCES * speech[2]
+        inputs += [ids, torch.arange(n, device=parameter.device)]
+        # a batched input's count may meet shape heuristics (conv's "batch < 16" guard) that do
+        # not change the graph: AUTO keeps it symbolic without refusing such guards
+        dynamic += [{0: torch.export.Dim.AUTO}, {0: dim}] if ids.dim() > 1 \
+            else [{0: dim}, {0: dim}]
     with torch.no_grad(), _matched_attention(hf):
         try:
             exported = torch._dynamo.export(step, dynamic_shapes=tuple(dynamic))(*inputs)
@@ -113,7 +162,9 @@ def capture_hf(hf: nn.Module) -> fx.GraphModule:
                                         f"with a symbolic token count: {exc}") from exc
     roles = [role for stream in streams for role in ROLES[stream]]
     gm = _plain_graph_module(exported.graph_module, roles, type(hf).__name__)
-    gm.meta[MAX_POSITIONS_KEY] = getattr(config, "max_position_embeddings", None)
+    gm.meta[MAX_POSITIONS_KEY] = max_positions(config)
+    if speech:
+        gm.meta[SEQUENCE_TOKENS_KEY] = {ENCODER: speech[2]}
     gm.meta[MODULE_PREFIX_KEY] = "hf."
     logger.debug("captured %s: %d nodes, positions %s", type(hf).__name__,
                  len(gm.graph.nodes), "passed" if takes_positions else "counted by the model")

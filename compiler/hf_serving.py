@@ -22,7 +22,7 @@ from torch import fx
 
 from compiler.capture import symbolic_propagator
 from compiler.config import CompileConfig
-from compiler.hf_capture import capture_hf
+from compiler.hf_capture import capture_hf, max_positions, speech_features
 from compiler.pass_manager import PassError, PassManager, PassRecord
 from passes import CleanupPass, PassContext
 from passes.attention_match import UnsupportedAttentionError
@@ -36,6 +36,7 @@ from runtime.serving import ServingModel
 logger = logging.getLogger(__name__)
 
 SERVING_PASSES = (ViewSizesPass, CachedAttentionPass, TokenPositionsPass, CleanupPass)
+PROPAGATION_TOKENS = 8                 # example tokens of the serving passes' shape propagation
 CHECK_PROMPT, CHECK_SOURCE = 3, 4      # tokens per sequence of the check (decoder, encoder)
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative to the logits' scale
 LOW_PRECISION_TOLERANCE = 5e-2
@@ -50,7 +51,9 @@ class HFServingModel(ServingModel):
 
     forward(input_ids, positions[, encoder_input_ids, encoder_positions]) -> logits
     (tokens, vocab), over flattened tokens, inside a forward context (as `ProjectModel`).
-    The graph's parameters are the Hugging Face model's own tensors.
+    A speech model's encoder input is its features (sequences, mel bins, frames) instead
+    (`generate(..., input_features=...)`). The graph's parameters are the Hugging Face model's
+    own tensors.
     """
 
     def __init__(self, hf: Any, graph_module: fx.GraphModule,
@@ -66,37 +69,69 @@ class HFServingModel(ServingModel):
             start = getattr(self.generation_config, "decoder_start_token_id", None)
         self.decoder_start_token_id = start
         self.source_name = type(hf).__name__
+        self.speech = speech_features(hf)  # (mel bins, frames, encoder tokens) or None
         self._specs = dict(specs)
 
     def attention_specs(self) -> dict[str, AttentionSpec]:
         return dict(self._specs)
 
     def example_inputs(self, num_tokens: int) -> tuple[torch.Tensor, ...]:
-        device = self.device
-        limit = getattr(self.config, "max_position_embeddings", None) or num_tokens
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
-        positions = torch.arange(num_tokens, device=device) % limit
-        if self.is_encoder_decoder:
-            return ids, positions, ids.clone(), positions.clone()
-        return ids, positions
+        return example_inputs(self.config, self.speech, num_tokens, self.device, self.dtype)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.graph_module(*inputs)
 
+    # -- a speech encoder's input: features per sequence, not flattened ids ----------------
+    def encoder_length(self, encoder_input: torch.Tensor) -> int:
+        return self.speech[2] if self.speech else super().encoder_length(encoder_input)
+
+    def encoder_step_inputs(self, encoder_input: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.speech:
+            return super().encoder_step_inputs(encoder_input)
+        tokens = torch.arange(self.speech[2], device=encoder_input.device)
+        return encoder_input.to(self.dtype), tokens.repeat(encoder_input.shape[0])
+
+    def no_encoder_inputs(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        if not self.speech:
+            return super().no_encoder_inputs(device)
+        features = torch.zeros(0, *self.speech[:2], dtype=self.dtype, device=device)
+        return features, torch.empty(0, dtype=torch.long, device=device)
+
+    def encoder_tokens(self, encoder_input: torch.Tensor) -> int:
+        if not self.speech:
+            return super().encoder_tokens(encoder_input)
+        return int(encoder_input.shape[0]) * self.speech[2]
+
     def extra_repr(self) -> str:
         return f"{self.source_name}, {len(self._specs)} attention layers"
+
+
+def example_inputs(config: Any, speech: tuple[int, int, int] | None, num_tokens: int,
+                   device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """forward's inputs for one sequence of `num_tokens` decoder tokens (and as many encoder
+    tokens; or features of two sequences, which the example context takes for one: a count of
+    1 would let shape propagation specialize the symbol)."""
+    limit = max_positions(config) or num_tokens
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    positions = torch.arange(num_tokens, device=device) % limit
+    if speech:
+        features = torch.zeros(2, *speech[:2], dtype=dtype, device=device)
+        return ids, positions, features, torch.arange(2 * speech[2], device=device)
+    if getattr(config, "is_encoder_decoder", False):
+        return ids, positions, ids.clone(), positions.clone()
+    return ids, positions
 
 
 def serving_model(hf: Any) -> tuple[HFServingModel, list[PassRecord]]:
     """Capture and lower `hf`; check the result against `hf`. Returns the records of the
     serving passes too (for the compile report)."""
     gm = capture_hf(hf)
-    seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
-    device = next(hf.parameters()).device
-    inputs = _placeholder_examples(seq2seq, device)
+    parameter = next(hf.parameters())
+    inputs = example_inputs(hf.config, speech_features(hf), PROPAGATION_TOKENS,
+                            parameter.device, parameter.dtype)
     refresh = symbolic_propagator(inputs)
     refresh(gm)
-    context = PassContext(device=device)
+    context = PassContext(device=parameter.device)
     manager = PassManager([cls(context) for cls in SERVING_PASSES], refresh=refresh)
     try:
         gm, records = manager(gm)
@@ -142,12 +177,16 @@ def check_against_hf(hf: Any, model: HFServingModel) -> None:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (2, CHECK_PROMPT + 1), generator=generator).to(device)
     source = torch.randint(0, vocab, (2, CHECK_SOURCE), generator=generator).to(device)
-    encoder_len = CHECK_SOURCE if model.is_encoder_decoder else None
+    if model.speech:
+        source = torch.randn(2, *model.speech[:2], generator=generator).to(device, model.dtype)
+    encoder_len = model.encoder_length(source) if model.is_encoder_decoder else None
     session = DecodeSession(model, 2, CHECK_PROMPT, 1, encoder_len, device)
     ours = torch.cat([session.prefill(tokens[:, :CHECK_PROMPT],
                                       source if encoder_len else None),
                       session.decode(tokens[:, CHECK_PROMPT])[:, None]], dim=1)
-    if model.is_encoder_decoder:
+    if model.speech:
+        theirs = hf(input_features=source, decoder_input_ids=tokens, use_cache=False).logits
+    elif model.is_encoder_decoder:
         theirs = hf(input_ids=source, decoder_input_ids=tokens, use_cache=False).logits
     else:
         theirs = hf(input_ids=tokens, use_cache=False).logits
@@ -163,12 +202,6 @@ def check_against_hf(hf: Any, model: HFServingModel) -> None:
             f"serving passes did not see")
     logger.debug("serving graph of %s matches its forward (max difference %.3g)",
                  type(hf).__name__, difference)
-
-
-def _placeholder_examples(seq2seq: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
-    ids = torch.zeros(8, dtype=torch.long, device=device)
-    positions = torch.arange(8, device=device)
-    return (ids, positions, ids.clone(), positions.clone()) if seq2seq else (ids, positions)
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:

@@ -11,10 +11,10 @@ from torch import fx
 import runtime.attention  # noqa: F401  (registers torch.ops.fxkiln.attention)
 from passes.attention_match import AttentionMatch, UnsupportedAttentionError, match_attention
 from passes.base import GraphPass, PassResult
-from passes.fx_utils import is_impure, known_equal, node_val
+from passes.fx_utils import is_impure, node_val, same_shape
 from passes.mask_proof import MaskKind, MaskProver
-from passes.token_streams import (DECODER, ENCODER, MAX_POSITIONS_KEY, TokenStream, stream_of,
-                                  token_streams)
+from passes.token_streams import (DECODER, ENCODER, MAX_POSITIONS_KEY, TokenStream,
+                                  stream_of_operand, token_streams)
 from runtime.kv_cache import AttentionKind, AttentionSpec
 
 logger = logging.getLogger(__name__)
@@ -22,11 +22,11 @@ logger = logging.getLogger(__name__)
 SPECS_KEY = "fxkiln_attention_specs"   # gm.meta: layer name -> AttentionSpec, for KV caches
 MODULE_PREFIX_KEY = "fxkiln_module_prefix"  # gm.meta: module path prefix dropped from names
 # What the pass matches (`passes.attention_match`): SDPA calls and softmax(q @ k.T * s + mask)
-# @ v, over (1, heads, tokens, head_size) tensors of the graph's token streams, whose masks
-# `passes.mask_proof` proves causal or full. What it writes: q, k, v flattened to
-# (tokens, heads * head_size) (k and v from before any GQA repeat), an output buffer, one
-# `fxkiln.attention` node, and the buffer viewed back as (1, heads, tokens, head_size); the mask
-# subgraph and the repeat die with the attention they fed.
+# @ v, over (1, heads, tokens, head_size) tensors of the graph's token streams (or a batched
+# encoder's (sequences, heads, tokens each, head_size)), whose masks `passes.mask_proof` proves
+# causal or full. What it writes: q, k, v flattened to (tokens, heads * head_size) (k and v from
+# before any GQA repeat), an output buffer, one `fxkiln.attention` node, and the buffer viewed
+# back as the operands' layout; the mask subgraph and the repeat die with the attention.
 KINDS = {  # (query stream, key stream, mask) -> the cache kind that serves it
     (DECODER, DECODER, MaskKind.CAUSAL): AttentionKind.DECODER,
     (ENCODER, ENCODER, MaskKind.FULL): AttentionKind.ENCODER,
@@ -85,7 +85,7 @@ class CachedAttentionPass(GraphPass):
     name = "cached_attention"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        streams = token_streams(gm.graph)
+        streams = token_streams(gm)
         matches = [m for node in list(gm.graph.nodes) if (m := match_attention(node)) is not None]
         if not matches or not streams:
             return PassResult(gm, modified=False, matches=0)
@@ -117,9 +117,6 @@ class CachedAttentionPass(GraphPass):
         if not (len(q_shape) == len(k_shape) == len(v_shape) == 4):
             raise UnsupportedAttentionError(node, f"expected 4-d query, key and value, found "
                                                   f"shapes {q_shape}, {k_shape}, {v_shape}")
-        if not all(known_equal(shape[0], 1) for shape in (q_shape, k_shape, v_shape)):
-            raise UnsupportedAttentionError(node, f"expected one sequence (batch 1) over "
-                                                  f"flattened tokens, found batch {q_shape[0]}")
         heads, kv_heads, head_size = q_shape[1], k_shape[1], q_shape[3]
         if not all(isinstance(x, int) for x in (heads, kv_heads, head_size)) or \
                 k_shape[3] != head_size or v_shape[3] != head_size or v_shape[1] != kv_heads \
@@ -128,11 +125,12 @@ class CachedAttentionPass(GraphPass):
                                                   f"{v_shape}: expected static heads, a head "
                                                   f"size shared by all three and query heads a "
                                                   f"multiple of the key heads")
-        query, key = stream_of(q_shape[2], streams), stream_of(k_shape[2], streams)
-        if query is None or key is None or not known_equal(k_shape[2], v_shape[2]):
-            raise UnsupportedAttentionError(node, f"its queries ({q_shape[2]}) and keys "
-                                                  f"({k_shape[2]}) are not the tokens of the "
-                                                  f"graph's token streams")
+        query, key = stream_of_operand(q_shape, streams), stream_of_operand(k_shape, streams)
+        if query is None or key is None or not same_shape(k_shape[:3], v_shape[:3]):
+            raise UnsupportedAttentionError(node, f"its queries {q_shape} and keys {k_shape} "
+                                                  f"are not the tokens of the graph's token "
+                                                  f"streams: expected batch 1 over flattened "
+                                                  f"tokens, or a batched encoder's sequences")
         if match.mask is not None:
             mask = prover.kind(node, match.mask, query, key)
         else:

@@ -46,7 +46,7 @@ class TokenPositionsPass(GraphPass):
     name = "token_positions"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        streams = token_streams(gm.graph)
+        streams = token_streams(gm)
         matches = 0
         for node in list(gm.graph.nodes):
             stream = self.applies(node, streams)

@@ -51,6 +51,30 @@ class ServingModel(nn.Module):
         """Inputs of forward for `num_tokens` tokens (for tracing and compile_model)."""
         raise NotImplementedError
 
+    # -- encoder inputs (encoder-decoder models) --------------------------------------------
+    # `generate` takes the encoder's input per sequence, `(batch, source_len)` token ids; forward
+    # takes it flattened, with positions. A model whose encoder reads something else (audio
+    # features) overrides these four.
+    def encoder_length(self, encoder_input: torch.Tensor) -> int:
+        """Encoder tokens per sequence of `generate`'s `encoder_input_ids` (batch, ...)."""
+        return int(encoder_input.shape[1])
+
+    def encoder_step_inputs(self, encoder_input: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """forward's encoder inputs for the step that runs the encoder on `encoder_input`."""
+        batch, length = encoder_input.shape[:2]
+        positions = torch.arange(length, device=encoder_input.device).repeat(batch)
+        return encoder_input.reshape(-1), positions
+
+    def no_encoder_inputs(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        """forward's encoder inputs for a step that does not run the encoder (a decode step)."""
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+
+    def encoder_tokens(self, encoder_input: torch.Tensor) -> int:
+        """Encoder tokens in forward's first encoder input (flattened token ids: its rows)."""
+        return int(encoder_input.shape[0])
+
+    # -- compile and capture seams ----------------------------------------------------------
     def example_context(self, *inputs: torch.Tensor) -> AbstractContextManager[Any]:
         """A forward context under which `forward(*inputs)` runs outside generation.
 
@@ -59,7 +83,7 @@ class ServingModel(nn.Module):
         compile_model uses it to run the graph at compile time (FLOP counts, verification).
         """
         num_tokens = inputs[0].shape[0]
-        encoder_len = inputs[2].shape[0] if self.is_encoder_decoder else None
+        encoder_len = self.encoder_tokens(inputs[2]) if self.is_encoder_decoder else None
         caches = allocate_kv_caches(self.attention_specs(), num_tokens, encoder_len or 0,
                                     self.dtype, self.device)
         metadata = uniform_batch_metadata(1, num_tokens, num_tokens, num_tokens, self.device,
@@ -79,8 +103,7 @@ class ServingModel(nn.Module):
         inputs: tuple[torch.Tensor, ...] = (ids, positions)
         encoder_len = None
         if self.is_encoder_decoder:
-            no_tokens = ids.new_empty((0,))
-            inputs, encoder_len = (ids, positions, no_tokens, no_tokens), 1
+            inputs, encoder_len = (ids, positions, *self.no_encoder_inputs(ids.device)), 1
         context = decode_step_context(self, max_tokens, self.device, encoder_len)
         static = None
         if kv_cache_tokens > 0:

@@ -39,6 +39,11 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(**SEQ2SEQ)),
     "mbart": lambda: T.MBartForConditionalGeneration(T.MBartConfig(**SEQ2SEQ)),
     "marian": lambda: T.MarianMTModel(T.MarianConfig(**SEQ2SEQ, pad_token_id=0)),
+    "whisper": lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=8, encoder_layers=2, decoder_layers=2, d_model=32,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, max_source_positions=16, max_target_positions=64,
+        decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8,
                                                           d_ff=48, num_layers=2, num_heads=4,
                                                           decoder_start_token_id=0)),
@@ -59,7 +64,11 @@ def build(name: str, seed: int = 0, attention: str = "sdpa") -> Any:
 def prompt_for(model: Any, batch: int, seed: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(decoder prompt, encoder source or None): 5 prompt tokens for decoder-only models;
-    the decoder start token and 6 source tokens for encoder-decoder ones."""
+    the decoder start token and 6 source tokens for encoder-decoder ones (for Whisper, random
+    features: 8 mel bins, 32 frames)."""
+    if model.main_input_name == "input_features":
+        features = torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(seed))
+        return torch.full((batch, 1), model.config.decoder_start_token_id), features
     if model.config.is_encoder_decoder:
         start = model.config.decoder_start_token_id
         return (torch.full((batch, 1), start, dtype=torch.long),

@@ -201,3 +201,28 @@ def test_a_save_pretrained_folder_goes_the_same_way(tmp_path) -> None:
     prompt, _, expected = hf_tokens(hf)
     assert torch.equal(generate(compile_model(hf, config=PLAIN), prompt, NEW_TOKENS,
                                 ignore_eos=True), expected)
+
+
+@pytest.mark.slow
+def test_whisper_reads_features_and_generates_hugging_face_tokens() -> None:
+    """Whisper's encoder reads features (sequences, mel bins, frames), a batched stream;
+    `generate` takes them by keyword. Step logits equal HF's forward; greedy tokens equal HF's
+    generic greedy search (GenerationMixin.generate: Whisper's own generate adds language and
+    timestamp logic that a random tiny config does not have)."""
+    hf = build("whisper")
+    prompt, features = prompt_for(hf, 3)
+    compiled = compile_model(hf, config=PLAIN)
+    kinds = sorted(spec.kind.value for spec in compiled.model.attention_specs().values())
+    assert kinds == ["cross", "cross", "decoder", "decoder", "encoder", "encoder"]
+    continuation = random_ids((3, 3), hf.config.vocab_size, seed=5)
+    tokens = torch.cat([prompt, continuation], dim=1)
+    with torch.no_grad():
+        expected_logits = hf(input_features=features, decoder_input_ids=tokens).logits
+    torch.testing.assert_close(step_logits(compiled, prompt, continuation, features),
+                               expected_logits, rtol=1e-4, atol=1e-4)
+    expected = transformers.GenerationMixin.generate(
+        hf, features, decoder_input_ids=prompt, max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1, eos_token_id=None,
+        pad_token_id=0)[:, 1:]
+    assert torch.equal(generate(compiled, prompt, NEW_TOKENS, input_features=features,
+                                ignore_eos=True), expected)
