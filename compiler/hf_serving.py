@@ -22,7 +22,8 @@ from torch import fx
 
 from compiler.capture import symbolic_propagator
 from compiler.config import CompileConfig
-from compiler.hf_capture import capture_hf, max_positions, speech_features
+from compiler.hf_capture import (UnsupportedModelError, capture_hf, max_positions,
+                                 speech_features)
 from compiler.pass_manager import PassError, PassManager, PassRecord
 from passes import CleanupPass, PassContext
 from passes.attention_match import UnsupportedAttentionError
@@ -141,9 +142,9 @@ def serving_model(hf: Any) -> tuple[HFServingModel, list[PassRecord]]:
         raise
     specs = gm.meta.get(SPECS_KEY, {})
     if not specs:
-        raise UnsupportedAttentionError(next(iter(gm.graph.nodes)),
-                                        f"{type(hf).__name__}: found no attention to serve "
-                                        f"from a KV cache")
+        raise UnsupportedModelError(f"{type(hf).__name__}: found no attention in its graph "
+                                    f"(expected SDPA or softmax(q @ k.T) @ v) to serve from a "
+                                    f"KV cache")
     model = HFServingModel(hf, gm, specs).eval()
     check_against_hf(hf, model)
     return model, records

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from passes.fx_utils import MATMUL_FUNCTIONS, call_arg, is_call, known_equal, node_val, same_shape
+from passes.fx_utils import MATMUL_FUNCTIONS, call_arg, is_call, node_val, same_shape
 
 SDPA_FUNCTIONS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.Tensor.softmax)
@@ -263,7 +263,3 @@ def _describe(node: fx.Node) -> str:
 def _shape(node: Any) -> tuple[Any, ...]:
     value = node_val(node)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
-
-
-__all__ = ["AttentionMatch", "UnsupportedAttentionError", "before_repeat", "known_equal",
-           "match_attention"]

@@ -111,18 +111,16 @@ def stream_of_operand(shape: tuple[Any, ...], streams: Mapping[str, TokenStream]
 
 def concrete_size(value: Any, bindings: Mapping[Any, int]) -> Any:
     """`value` (an int, SymInt or a sequence of them) with stream symbols bound to ints."""
-    if isinstance(value, torch.SymInt):
-        expr = value.node.expr
-        unbound = expr.free_symbols - set(bindings)
-        if unbound:
-            raise KeyError(f"size {expr} depends on {sorted(map(str, unbound))}, which count "
-                           f"no token stream")
-        return int(expr.xreplace(dict(bindings)))
     if isinstance(value, (tuple, list, torch.Size)):
-        return type(value)(concrete_size(v, bindings) for v in value) \
-            if not isinstance(value, torch.Size) else tuple(concrete_size(v, bindings)
-                                                             for v in value)
-    return value
+        return tuple(concrete_size(v, bindings) for v in value)
+    if not isinstance(value, torch.SymInt):
+        return value
+    expr = value.node.expr
+    unbound = expr.free_symbols - set(bindings)
+    if unbound:
+        raise KeyError(f"size {expr} depends on {sorted(map(str, unbound))}, which count no "
+                       f"token stream")
+    return int(expr.xreplace(dict(bindings)))
 
 
 def _rows(node: fx.Node) -> Any:
