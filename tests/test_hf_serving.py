@@ -49,6 +49,13 @@ def test_tiny_llama_generates_hugging_face_tokens() -> None:
         (4, 2, 8, AttentionKind.DECODER)
 
 
+# qkv_fuse's matches over two layers: Q/K/V and gate/up of each Llama-family layer; Q/K/V of
+# OPT's (its fc1 has no partner); none where the model already fuses them (Phi3) or projects
+# through Conv1D's addmm (GPT-2); self Q/K/V and cross K/V of each seq2seq layer, encoder's too.
+FUSED = dict(llama=4, mistral=4, qwen2=4, qwen3=4, gemma=4, phi3=0, gpt2=0, opt=2, bart=6,
+             mbart=6, marian=6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*DECODER_ONLY, *ENCODER_DECODER])
 def test_greedy_tokens_equal_hugging_face(name: str) -> None:
@@ -57,6 +64,10 @@ def test_greedy_tokens_equal_hugging_face(name: str) -> None:
     compiled = compile_model(hf, config=PLAIN)
     tokens = generate(compiled, prompt, NEW_TOKENS, source, ignore_eos=True)
     assert torch.equal(tokens, expected)
+    passes = compiled.report.passes
+    layers = 6 if hf.config.is_encoder_decoder else 2
+    assert passes["cached_attention"].matches == layers
+    assert (passes["qkv_fuse"].matches, passes["qkv_split"].matches) == (FUSED[name], 0)
 
 
 @pytest.mark.slow
