@@ -37,7 +37,7 @@ from runtime.serving import ServingModel
 logger = logging.getLogger(__name__)
 
 SERVING_PASSES = (ViewSizesPass, CachedAttentionPass, TokenPositionsPass, CleanupPass)
-PROPAGATION_TOKENS = 8                 # example tokens of the serving passes' shape propagation
+PROPAGATION_TOKENS = 8                 # example tokens of shape propagation (serving, pipeline)
 CHECK_PROMPT, CHECK_SOURCE = 3, 4      # tokens per sequence of the check (decoder, encoder)
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative to the logits' scale
 LOW_PRECISION_TOLERANCE = 5e-2
@@ -152,13 +152,13 @@ def serving_model(hf: Any) -> tuple[HFServingModel, list[PassRecord]]:
 
 def compile_hf_model(hf: Any, config: CompileConfig, device: torch.device) -> Any:
     """compile_model's path for a Hugging Face model given without example inputs."""
-    from compiler.compile import DEFAULT_EXAMPLE_TOKENS, _compile_traced
+    from compiler.compile import _compile_traced  # compile imports this module lazily
 
     start = time.perf_counter()
     model, records = serving_model(hf)
     lowered = fx.GraphModule(model.graph_module, _copy(model.graph_module.graph),
                              type(model.graph_module).__name__)
-    compiled = _compile_traced(model, lowered, model.example_inputs(DEFAULT_EXAMPLE_TOKENS),
+    compiled = _compile_traced(model, lowered, model.example_inputs(PROPAGATION_TOKENS),
                                config, device)
     report = compiled.report
     report.frontend = "hf_serving"

@@ -62,7 +62,7 @@ class HFStyleDecoder(nn.Module):
             return None
         if self.mask_kind == "full":
             return (q_idx >= 0).expand(tokens, tokens)[None, None]
-        allowed = kv_idx <= q_idx
+        allowed = q_idx.new_ones((), dtype=torch.bool) & (kv_idx <= q_idx)  # as masking_utils
         if self.mask_kind == "sliding":
             allowed = allowed & (kv_idx > q_idx - self.window)
         elif self.mask_kind == "ids_padding":

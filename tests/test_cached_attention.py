@@ -83,7 +83,7 @@ return reshape_1"""
 
 def test_op_counts() -> None:
     """Three layers sharing one mask: every SDPA and GQA repeat goes, one cached op per layer,
-    and the mask subgraph (aranges, comparison) dies with them."""
+    and the mask subgraph (aranges, comparison, HF's `&` of mask terms) dies with them."""
     torch.manual_seed(0)
     module = HFStyleDecoder(layers=3)
     gm, result, _ = rewrite(module)
@@ -92,7 +92,8 @@ def test_op_counts() -> None:
     assert result.matches == 3
     assert (before["scaled_dot_product_attention"], before["expand"], before["arange"]) == (3, 6, 2)
     assert after["scaled_dot_product_attention"] == after["expand"] == after["arange"] == 0
-    assert after["attention.default"] == 3 and after["le"] == 0
+    assert before["and_"] == 1 and after["and_"] == after["le"] == 0  # `&` is no write
+    assert after["attention.default"] == 3
     assert [spec.num_kv_heads for spec in gm.meta[SPECS_KEY].values()] == [2, 2, 2]
 
 
