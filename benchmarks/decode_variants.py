@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.decode_report import OUR_VARIANTS
+from benchmarks.decode_report import OUR_VARIANTS, SERVING_VARIANTS
 
 CONTEXT = 256
 WARMUP_STEPS, TIMED_STEPS = 5, 20
@@ -39,6 +39,8 @@ CACHE_OF = {
     "ours-eager": "fxkiln slot KV cache (runtime.kv_cache) through DecodeSession",
     "fxkiln-passes": "fxkiln slot KV cache (runtime.kv_cache) through DecodeSession",
     "fxkiln-graphs": "fxkiln slot KV cache (runtime.kv_cache) through DecodeSession",
+    "hf-serving-passes": "fxkiln slot KV cache, graph-built from the HF model (compile_model(hf))",
+    "hf-serving-graphs": "fxkiln slot KV cache, graph-built from the HF model (compile_model(hf))",
 }
 TORCH_COMPILE_ARGS = {  # variant -> torch.compile keyword arguments (dynamic=False: fixed shapes)
     "hf-compile": dict(dynamic=False),
@@ -217,6 +219,8 @@ def run_variant(model_name: str, variant: str, batches: list[int], device: torch
     if variant in OUR_VARIANTS:
         ours = _compile_ours(from_hf(hf), variant, batches)
         del hf  # ours holds its own copy of the weights
+    elif variant in SERVING_VARIANTS:
+        ours = _compile_ours(hf, variant, batches)  # the graph reads the HF model's weights
     for batch in batches:
         made = inputs(vocab, batch, device)
         row = {**base, "batch": batch, "weight_bytes": weights, "kv_read_bytes": kv_bytes[batch]}
@@ -243,17 +247,17 @@ def _compile_ours(model: Any, variant: str, batches: list[int]) -> dict[str, Any
     if variant == "ours-eager":
         return {"model": model, "step_model": model,
                 "figures": {"compile_s": None, "capture_s": None, "graph_memory_bytes": None}}
-    sizes = tuple(sorted({1, 2, 4, 8, 16, 32, *batches})) if variant == "fxkiln-graphs" else ()
+    sizes = tuple(sorted({1, 2, 4, 8, 16, 32, *batches})) if variant.endswith("-graphs") else ()
     # the runner's KV caches hold the largest batch at the full context: whole-step graphs
     config = CompileConfig(capture_sizes=sizes, kv_cache_tokens=max(batches) * (CONTEXT + 1))
-    compiled = compile_model(model, config=config)
+    compiled = compile_model(model, config=config)  # an HF model: its serving graph
     report = compiled.report
     captured = bool(report.captured_sizes)  # none on CPU: the pieces run eagerly there
     figures = {"compile_s": report.compile_seconds, "capture_sizes": list(report.captured_sizes),
                "decode_graph_sizes": list(report.decode_graph_sizes),
                "capture_s": report.capture_seconds if captured else None,
                "graph_memory_bytes": report.graph_memory_bytes if captured else None}
-    return {"model": model, "step_model": compiled, "figures": figures}
+    return {"model": compiled.model, "step_model": compiled, "figures": figures}
 
 
 def _run_hf(hf: Any, variant: str, made: dict[str, torch.Tensor], device: torch.device

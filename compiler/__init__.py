@@ -6,7 +6,8 @@ from contextlib import contextmanager
 
 from compiler.backend import Backend, backend, fxkiln_backend
 from compiler.capture import GraphBreakError
-from compiler.compile import CompiledModel, compile_model
+from compiler.compile import compile_model
+from compiler.compiled_model import CompiledModel
 from compiler.config import CompileConfig
 from compiler.inputs import CompileInputError
 from compiler.pass_manager import PassError, PassManager, PassVerificationError

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import fx
 
 from compiler.backend import Backend
-from compiler.capture import (GraphBreakError, describe_graph_break, symbolic_propagator,
-                              symbolic_trace)
+from compiler.capture import GraphBreakError, describe_graph_break, symbolic_trace
 from compiler.config import CompileConfig
+from compiler.hf_capture import is_transformers_model
 from compiler.inputs import (
     CompileInputError,
     check_model,
@@ -21,38 +20,12 @@ from compiler.inputs import (
 )
 from compiler.inputs import example_inputs as checked_example_inputs
 from compiler.pass_manager import PassError
-from compiler.pipeline import compile_traced
+from compiler.compiled_model import CompiledModel
+from compiler.pipeline import compile_traced_model
 from compiler.report import CompileReport
 from runtime.input_snapshot import InputSnapshot, writable_inputs
 
 logger = logging.getLogger(__name__)
-
-
-class CompiledModel:
-    """A compiled model: call it like the original; read `report` and `graph_module`."""
-
-    def __init__(self, run: Callable[..., Any], report: CompileReport, config: CompileConfig,
-                 graph_module: fx.GraphModule, model: torch.nn.Module) -> None:
-        self._run = run
-        self.report = report
-        self.config = config
-        self.graph_module = graph_module
-        self.model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return self._run(*args, **kwargs)
-
-    @property
-    def static_decode(self) -> Any:
-        """The runner's `StaticDecodeState` (its KV caches for whole-step decode graphs), or None.
-
-        `runtime.generate` and `DecodeSession` use these caches when they fit, so that decode
-        steps replay as one graph each."""
-        return getattr(self._run, "static_decode", None)
-
-    def __repr__(self) -> str:
-        return f"CompiledModel({type(self.model).__name__}, {self.report.frontend})"
 
 
 def compile_model(
@@ -63,7 +36,9 @@ def compile_model(
     """Capture `model`, rewrite its graph with the configured passes, and return it compiled.
 
     `example_inputs` is a tuple of positional inputs or a dict of keyword inputs; models that
-    define `example_inputs(num_tokens)` (fxkiln's own) may omit it. Models that
+    define `example_inputs(num_tokens)` (fxkiln's own) may omit it. A Hugging Face causal or
+    encoder-decoder LM given without them becomes a serving graph (`compiler.hf_serving`):
+    its attention runs over the runtime's KV caches and `runtime.generate` drives it. Models that
     `torch.fx.symbolic_trace` can trace are captured that way; others through TorchDynamo as
     one graph (a graph break is an error naming where it happened). The model must be in eval
     mode; model and inputs are checked before any work (`compiler.inputs`, CompileInputError),
@@ -75,6 +50,13 @@ def compile_model(
                                 f"{type(config).__name__}")
     device = config.resolved_device()
     check_model(model, device)
+    if example_inputs is None and is_transformers_model(model):  # a serving graph of it
+        from compiler.hf_serving import compile_hf_model
+
+        start = time.perf_counter()
+        compiled = compile_hf_model(model, config, device)
+        compiled.report.compile_seconds = time.perf_counter() - start
+        return compiled
     inputs = checked_example_inputs(model, example_inputs, device)
     start = time.perf_counter()
     snapshot = InputSnapshot(writable_inputs(model_state(model, inputs)))
@@ -101,16 +83,8 @@ def _capture_and_compile(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[
             logger.debug("symbolic_trace failed (%s: %s); capturing with Dynamo",
                          type(exc).__name__, exc)
         else:
-            return _compile_traced(model, gm, inputs, config, device)
+            return compile_traced_model(model, gm, inputs, config)
     return _compile_with_dynamo(model, inputs, config)
-
-
-def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
-                    config: CompileConfig, device: torch.device) -> CompiledModel:
-    refresh = symbolic_propagator(inputs)
-    refresh(gm)
-    compiled = compile_traced(model, gm, inputs, refresh, config)
-    return CompiledModel(compiled.run, compiled.report, config, compiled.graph_module, model)
 
 
 def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from compiler.compile import CompiledModel, compile_model
+from compiler.compile import compile_model
+from compiler.compiled_model import CompiledModel
 from compiler.config import CompileConfig
 from runtime import generate
 

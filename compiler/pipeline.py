@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from compiler.capture import ShapePropagator, concrete_inputs, dynamo_propagator
+from compiler.capture import (ShapePropagator, concrete_inputs, dynamo_propagator,
+                              symbolic_propagator)
+from compiler.compiled_model import CompiledModel
 from compiler.config import CompileConfig
 from compiler.pass_manager import PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
@@ -85,6 +87,15 @@ def compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any
 
     return compile_graph(gm, inputs, config, frontend="symbolic_trace", refresh=refresh,
                          run_context=run_context, build_runner=build)
+
+
+def compile_traced_model(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+                         config: CompileConfig) -> CompiledModel:
+    """`compile_traced` on a freshly traced `gm` (shapes propagated here), as a CompiledModel."""
+    refresh = symbolic_propagator(inputs)
+    refresh(gm)
+    compiled = compile_traced(model, gm, inputs, refresh, config)
+    return CompiledModel(compiled.run, compiled.report, config, compiled.graph_module, model)
 
 
 def bucket_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],

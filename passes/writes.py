@@ -44,6 +44,8 @@ def written_args(node: fx.Node) -> list[Any]:
         written = _schema_writes(node, target)
     elif target in SETITEM_TARGETS or target in IN_PLACE_OPERATORS or _inplace_flag(node):
         written = list(node.args[:1])
+    elif getattr(target, "__module__", None) == "_operator":
+        pass  # operator.and_, or_, not_: the trailing `_` only avoids a keyword; nothing written
     else:
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
         if name and _writes_self(name):

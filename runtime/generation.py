@@ -44,6 +44,13 @@ class GenerationModel(Protocol):
 
     def attention_specs(self) -> Mapping[str, AttentionSpec]: ...
 
+    # encoder inputs: see runtime.serving.ServingModel, which defines them for token ids
+    def encoder_length(self, encoder_input: torch.Tensor) -> int: ...
+
+    def encoder_step_inputs(self, encoder_input: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def no_encoder_inputs(self, device: torch.device | str) -> tuple[torch.Tensor, ...]: ...
+
 
 def find_generation_model(model: Any) -> GenerationModel:
     """`model` if it describes itself (`GenerationModel`), else `model.model`; TypeError if neither."""
@@ -118,7 +125,7 @@ class DecodeSession:
                  max_new_tokens: int, encoder_len: int | None = None,
                  device: torch.device | str = "cpu") -> None:
         spec_model = find_generation_model(model)
-        self.model = model
+        self.model, self.spec_model = model, spec_model
         self.batch, self.prompt_len, self.encoder_len = batch, prompt_len, encoder_len
         self.max_len = prompt_len + max_new_tokens
         self.device = torch.device(device)
@@ -139,8 +146,7 @@ class DecodeSession:
         positions = torch.arange(self.prompt_len, device=self.device).repeat(self.batch)
         encoder_inputs: tuple[torch.Tensor, ...] = ()
         if encoder_input_ids is not None:
-            encoder_positions = torch.arange(encoder_input_ids.shape[1], device=self.device)
-            encoder_inputs = (encoder_input_ids.reshape(-1), encoder_positions.repeat(self.batch))
+            encoder_inputs = self.spec_model.encoder_step_inputs(encoder_input_ids)
         metadata = self._metadata(None, self.prompt_len, encoder_tokens=self.encoder_len or 0)
         logits = self._step(metadata, input_ids.reshape(-1), positions, encoder_inputs)
         return logits.view(self.batch, self.prompt_len, -1)
@@ -162,8 +168,7 @@ class DecodeSession:
                              f"sequences, found {tuple(tokens.shape)}")
         positions = torch.full((running,), self.context_len, dtype=torch.long,
                                device=self.device)
-        no_encoder_tokens = tokens.new_empty((0,))
-        encoder_inputs = (no_encoder_tokens, no_encoder_tokens) if self.encoder_len else ()
+        encoder_inputs = self.spec_model.no_encoder_inputs(self.device) if self.encoder_len else ()
         metadata = self._metadata(rows, 1, encoder_tokens=0)
         return self._step(metadata, tokens, positions, encoder_inputs)
 
@@ -203,7 +208,7 @@ def generate(model: Callable[..., torch.Tensor], input_ids: torch.Tensor | None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              ignore_eos: bool = False, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             ) -> torch.Tensor:
+             input_features: torch.Tensor | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens per sequence; returns them, `(batch, steps_run)`.
 
     input_ids: (batch, prompt_len) prompts of equal length (ragged prompts are not supported).
@@ -220,15 +225,22 @@ def generate(model: Callable[..., torch.Tensor], input_ids: torch.Tensor | None,
     do_sample, temperature, top_k, top_p, seed: greedy (default) or sampling; see
         `runtime.sampling.SamplingParams`. The same seed gives the same tokens, eager or
         compiled, and whatever other sequences of the batch do.
+    input_features: the encoder input of models whose encoder reads features instead of
+        token ids (Whisper: (batch, mel bins, frames)); in place of encoder_input_ids.
     """
     spec_model = find_generation_model(model)
+    if input_features is not None:
+        if encoder_input_ids is not None:
+            raise ValueError("generate: expected encoder_input_ids or input_features, found both")
+        encoder_input_ids = input_features
     input_ids = _check_inputs(spec_model, input_ids, encoder_input_ids)
     chooser_params = SamplingParams(do_sample, temperature, top_k, top_p, seed)
     eos_ids, pad_id = _stop_tokens(spec_model, eos_token_id, pad_token_id, ignore_eos)
     batch, prompt_len = input_ids.shape
     if max_new_tokens <= 0:
         return input_ids.new_empty((batch, 0))
-    encoder_len = None if encoder_input_ids is None else encoder_input_ids.shape[1]
+    encoder_len = (None if encoder_input_ids is None
+                   else spec_model.encoder_length(encoder_input_ids))
     session = DecodeSession(model, batch, prompt_len, max_new_tokens, encoder_len,
                             input_ids.device)
     choose = TokenChooser(chooser_params, batch, input_ids.device)
@@ -288,16 +300,16 @@ def _stop_tokens(model: GenerationModel, eos_token_id: int | Sequence[int] | Non
 def _check_inputs(model: GenerationModel, input_ids: torch.Tensor | None,
                   encoder_input_ids: torch.Tensor | None) -> torch.Tensor:
     if model.is_encoder_decoder:
-        if encoder_input_ids is None or encoder_input_ids.dim() != 2:
+        if encoder_input_ids is None or encoder_input_ids.dim() < 2:
             found = None if encoder_input_ids is None else tuple(encoder_input_ids.shape)
             raise ValueError(f"generate: encoder-decoder model needs encoder_input_ids of shape "
-                             f"(batch, source_len), found {found}")
+                             f"(batch, source_len) (or input_features), found {found}")
         if input_ids is None:
             if model.decoder_start_token_id is None:
                 raise ValueError("generate: input_ids is None and the model has no "
                                  "decoder_start_token_id")
-            input_ids = encoder_input_ids.new_full((encoder_input_ids.shape[0], 1),
-                                                   model.decoder_start_token_id)
+            input_ids = torch.full((encoder_input_ids.shape[0], 1), model.decoder_start_token_id,
+                                   dtype=torch.long, device=encoder_input_ids.device)
         if input_ids.shape[0] != encoder_input_ids.shape[0]:
             raise ValueError(f"generate: input_ids has batch {input_ids.shape[0]} but "
                              f"encoder_input_ids has batch {encoder_input_ids.shape[0]}")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import transformers
 
-from runtime.generation import DecodeSession
+from runtime.generation import DecodeSession, find_generation_model
 
 LLAMA_BASE: dict[str, Any] = dict(
     vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -112,7 +112,8 @@ def step_logits(model: Any, prompt: torch.Tensor, continuation: torch.Tensor,
     continuation token (through the KV cache): (batch, prompt_len + steps, vocab), the layout of
     `hf_logits`."""
     batch, prompt_len = prompt.shape
-    encoder_len = None if encoder_ids is None else encoder_ids.shape[1]
+    encoder_len = (None if encoder_ids is None
+                   else find_generation_model(model).encoder_length(encoder_ids))
     session = DecodeSession(model, batch, prompt_len, continuation.shape[1], encoder_len,
                             prompt.device)
     outputs = [session.prefill(prompt, encoder_ids)]

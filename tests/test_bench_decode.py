@@ -89,6 +89,23 @@ def test_table_shows_failures_and_ratios() -> None:
     assert lines[-1].endswith("`RuntimeError: CUDA graph capture failed`")
 
 
+def test_graph_built_rows_are_compared_with_the_hand_written_ones() -> None:
+    """hf-serving rows: the hand-written model's step over theirs, parity within 10% or not."""
+    result = report.finalize({"rows": [
+        ok_row("fxkiln-graphs", 1, 2.0), ok_row("hf-serving-graphs", 1, 2.1),
+        ok_row("fxkiln-passes", 8, 10.0), ok_row("hf-serving-passes", 8, 12.0),
+        ok_row("hf-serving-graphs", 8, 1.0)]})  # no hand-written row at batch 8: no parity
+    rows = {report.row_key(row): row for row in result["rows"]}
+    assert rows[("bart-large", "hf-serving-graphs", 1)]["vs_hand_written"] == pytest.approx(2 / 2.1)
+    assert "vs_hand_written" not in rows[("bart-large", "hf-serving-graphs", 8)]
+    assert {name: entry["met"] for name, entry in result["parity"].items()} == {
+        "bart-large batch 1: hf-serving-graphs vs fxkiln-graphs": True,
+        "bart-large batch 8: hf-serving-passes vs fxkiln-passes": False}
+    lines = report.table(result).splitlines()
+    assert lines[-1] == ("- bart-large batch 8: hf-serving-passes vs fxkiln-passes: 0.83x "
+                         "(missed: at most 10% slower)")
+
+
 def test_load_results_merges_files() -> None:
     first = report.dump({"copy_bandwidth_runs": [2e12], "rows": [ok_row("hf-eager", 1, 9.0)]})
     second = report.dump({"copy_bandwidth_runs": [4e12], "rows": [ok_row("fxkiln-graphs", 1, 3.0)]})
