@@ -14,7 +14,8 @@ import torch
 import runtime.kernels  # noqa: F401  (registers the implementations)
 from runtime import registry, settings
 
-DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
+DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "layer_norm", "fused_add_layer_norm",
+                "silu_and_mul", "rotary_embedding")
 
 
 def _dispatch(op: str, x: torch.Tensor, *args: Any) -> Any:
@@ -51,6 +52,33 @@ def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
     return (x.new_empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype)),
             x.new_empty(x.shape, dtype=sum_dtype))
+
+
+@torch.library.custom_op("fxkiln::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    return _dispatch("layer_norm", x, x, weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+      eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fxkiln::fused_add_layer_norm", mutates_args=())
+def fused_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dispatch("fused_add_layer_norm", x, x, residual, weight, bias, eps)
+
+
+@fused_add_layer_norm.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.new_empty(x.shape, dtype=sum_dtype), x.new_empty(x.shape, dtype=sum_dtype)
 
 
 @torch.library.custom_op("fxkiln::silu_and_mul", mutates_args=())

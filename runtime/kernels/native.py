@@ -26,6 +26,21 @@ def fused_add_rms_norm(
     return rms_norm(new_residual, weight, eps), new_residual
 
 
+@register_kernel("layer_norm", "native", supports=_everywhere)
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@register_kernel("fused_add_layer_norm", "native", supports=_everywhere)
+def fused_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x + residual
+    return layer_norm(summed, weight, bias, eps), summed
+
+
 @register_kernel("silu_and_mul", "native", supports=_everywhere)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)  # each (..., d)

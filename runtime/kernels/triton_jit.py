@@ -11,16 +11,19 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_rows_kernel(
-    out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
+def norm_rows_kernel(
+    out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr, bias_ptr,
     x_row_stride, residual_row_stride, hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
-    """One program per row: [residual_out = x + residual;] out = rms_norm(row) * weight.
+    """One program per row: [residual_out = x + residual;] out = norm(row) * weight [+ bias],
+    the norm being RMSNorm or (LAYER_NORM) LayerNorm.
 
     Arithmetic runs in float32 with a rounding to the storage dtype wherever the native
     implementation rounds (half-precision products of two rounded values are exact in float32,
-    so this reproduces them); Triton's CPU interpreter has no bfloat16 arithmetic anyway.
+    so this reproduces them): RMSNorm rounds the normalized row before the weight, LayerNorm
+    (as `F.layer_norm`) only its result. Triton's CPU interpreter has no bfloat16 arithmetic.
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
@@ -33,12 +36,21 @@ def rms_norm_rows_kernel(
         x = (x + residual.to(tl.float32)).to(x_dtype)
         tl.store(residual_out_ptr + row * hidden + cols, x, mask=mask)
         x = x.to(tl.float32)
-    variance = tl.sum(x * x, axis=0) / hidden
-    normed = (x * (1.0 / tl.sqrt(variance + eps))).to(x_dtype).to(tl.float32)
     out_dtype = out_ptr.dtype.element_ty
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(out_dtype).to(tl.float32)
-    normed = normed.to(out_dtype).to(tl.float32)
-    tl.store(out_ptr + row * hidden + cols, (normed * weight).to(out_dtype), mask=mask)
+    if LAYER_NORM:
+        mean = tl.sum(x, axis=0) / hidden
+        centered = tl.where(mask, x - mean, 0.0)
+        variance = tl.sum(centered * centered, axis=0) / hidden
+        result = centered * (1.0 / tl.sqrt(variance + eps))
+        result = result * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        variance = tl.sum(x * x, axis=0) / hidden
+        normed = (x * (1.0 / tl.sqrt(variance + eps))).to(x_dtype).to(tl.float32)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(out_dtype).to(tl.float32)
+        result = normed.to(out_dtype).to(tl.float32) * weight
+    tl.store(out_ptr + row * hidden + cols, result.to(out_dtype), mask=mask)
 
 
 @triton.jit

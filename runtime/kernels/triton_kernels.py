@@ -36,7 +36,7 @@ def _jitted_for_interpreter() -> bool:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(triton_jit.rms_norm_rows_kernel, InterpretedFunction)
+    return isinstance(triton_jit.norm_rows_kernel, InterpretedFunction)
 
 
 # Fixed when the kernels were jitted (TRITON_INTERPRET=1 at that moment): a fact of this process.
@@ -93,6 +93,16 @@ def fused_add_rms_norm_constants(x: torch.Tensor, residual: torch.Tensor, weight
     return _norm_constants(x)
 
 
+def layer_norm_constants(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         eps: float) -> tuple[int, int]:
+    return _norm_constants(x)
+
+
+def fused_add_layer_norm_constants(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor | None, eps: float) -> tuple[int, int]:
+    return _norm_constants(x)
+
+
 def silu_and_mul_constants(x: torch.Tensor) -> tuple[int, int]:
     half = _static(x.shape[-1], "last dimension") // 2
     block_size = min(_next_power_of_2(half), SILU_BLOCK)
@@ -121,30 +131,48 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-          block_size: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+          bias: torch.Tensor | None, eps: float, block_size: int, num_warps: int,
+          layer_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out = torch.empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
+    out_dtype = sum_dtype if layer_norm else torch.promote_types(sum_dtype, weight.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     residual_out = None if residual is None else torch.empty(x.shape, dtype=sum_dtype, device=x.device)
     if isinstance(x, FakeTensor) or out.numel() == 0:
         return out, residual_out
     x_rows = _rows(x)  # (rows, hidden)
     residual_rows = x_rows if residual is None else _rows(residual)  # (rows, hidden)
-    triton_jit.rms_norm_rows_kernel[(x_rows.shape[0],)](
-        out, out if residual_out is None else residual_out, x_rows, residual_rows,
-        weight.contiguous(), x_rows.stride(0), residual_rows.stride(0), x_rows.shape[1], eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_SIZE=block_size, num_warps=num_warps)
+    weight = weight.contiguous()
+    triton_jit.norm_rows_kernel[(x_rows.shape[0],)](
+        out, out if residual_out is None else residual_out, x_rows, residual_rows, weight,
+        weight if bias is None else bias.contiguous(), x_rows.stride(0), residual_rows.stride(0),
+        x_rows.shape[1], eps, HAS_RESIDUAL=residual is not None, LAYER_NORM=layer_norm,
+        HAS_BIAS=bias is not None, BLOCK_SIZE=block_size, num_warps=num_warps)
     return out, residual_out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, block_size: int,
              num_warps: int) -> torch.Tensor:
-    return _norm(x, None, weight, eps, block_size, num_warps)[0]
+    return _norm(x, None, weight, None, eps, block_size, num_warps)[0]
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                        block_size: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    out, residual_out = _norm(x, residual, weight, eps, block_size, num_warps)
+    out, residual_out = _norm(x, residual, weight, None, eps, block_size, num_warps)
+    assert residual_out is not None
+    return out, residual_out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               block_size: int, num_warps: int) -> torch.Tensor:
+    return _norm(x, None, weight, bias, eps, block_size, num_warps, layer_norm=True)[0]
+
+
+def fused_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None, eps: float, block_size: int,
+                         num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, residual_out = _norm(x, residual, weight, bias, eps, block_size, num_warps,
+                              layer_norm=True)
     assert residual_out is not None
     return out, residual_out
 
@@ -186,6 +214,8 @@ if triton_jit is not None:
     for _op, _fn, _constants in (
         ("rms_norm", rms_norm, rms_norm_constants),
         ("fused_add_rms_norm", fused_add_rms_norm, fused_add_rms_norm_constants),
+        ("layer_norm", layer_norm, layer_norm_constants),
+        ("fused_add_layer_norm", fused_add_layer_norm, fused_add_layer_norm_constants),
         ("silu_and_mul", silu_and_mul, silu_and_mul_constants),
         ("rotary_embedding", rotary_embedding, rotary_embedding_constants),
     ):

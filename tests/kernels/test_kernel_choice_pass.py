@@ -73,14 +73,14 @@ def test_op_counts_on_llama_shaped_graph() -> None:
     before = {op: count_targets(gm, {t for t, name in MATCHED_TARGETS.items() if name == op})
               for op in DISPATCH_OPS}
     # vLLM's Llama pattern: the first layer norms without add, the final norm adds.
-    assert before == {"rms_norm": 1, "fused_add_rms_norm": 2 * layers,
-                      "silu_and_mul": layers, "rotary_embedding": layers}
+    assert before == {"rms_norm": 1, "fused_add_rms_norm": 2 * layers, "layer_norm": 0,
+                      "fused_add_layer_norm": 0, "silu_and_mul": layers, "rotary_embedding": layers}
     result = choose_kernels(gm)
     assert result.matches == sum(before.values())
     assert count_targets(gm, dispatch) == 0
     after = {fn.__name__: count_targets(gm, fn) for fn in (
         native.rms_norm, native.fused_add_rms_norm, native.silu_and_mul, native.rotary_embedding)}
-    assert after == before
+    assert after == {op: count for op, count in before.items() if count}
 
 
 def test_must_not_rewrite_ordinary_norm_and_silu() -> None:
@@ -136,6 +136,7 @@ def test_registered_first_in_default_pipeline() -> None:
 
 
 CHOICES = st.sampled_from(["auto", "native", "triton"])
+LLAMA_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
 
 
 @needs_interpreter
@@ -150,7 +151,7 @@ def test_compiled_equals_eager_and_pass_is_idempotent(
     model = LlamaShaped(hidden=hidden, layers=1, heads=kv_heads * group, kv_heads=kv_heads,
                         head_size=head_size, intermediate=hidden + 8).to(dtype)
     inputs = model.example_inputs(tokens)
-    kernels = dict(zip(DISPATCH_OPS, choices, strict=True))
+    kernels = dict(zip(LLAMA_OPS, choices, strict=True))
     with torch.inference_mode():
         expected = model(*inputs)
         gm = trace(model, *inputs)
