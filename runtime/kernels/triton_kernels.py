@@ -199,14 +199,14 @@ def rotary_embedding(
     if isinstance(query, FakeTensor) or query.shape[0] == 0:
         return query_out, key_out
     cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
-    for x, out, heads_block in ((query, query_out, query_heads_block),
-                                (key, key_out, key_heads_block)):
-        x_rows = _rows(x)  # (tokens, heads * head_size)
-        triton_jit.rotary_kernel[(x_rows.shape[0],)](
-            out, x_rows, positions.contiguous(), cache, x_rows.stride(0), cache.stride(0),
-            x_rows.shape[1] // head_size, head_size, cache.shape[-1] // 2,
-            IS_NEOX=is_neox, HEADS_BLOCK=heads_block, HALF_BLOCK=half_block,
-            PASS_BLOCK=pass_block, num_warps=num_warps)
+    query_rows, key_rows = _rows(query), _rows(key)  # (tokens, heads * head_size) each
+    triton_jit.rotary_kernel[(query_rows.shape[0],)](
+        query_out, key_out, query_rows, key_rows, positions.contiguous(), cache,
+        query_rows.stride(0), key_rows.stride(0), cache.stride(0),
+        query_rows.shape[1] // head_size, key_rows.shape[1] // head_size, head_size,
+        cache.shape[-1] // 2, IS_NEOX=is_neox, QUERY_HEADS_BLOCK=query_heads_block,
+        KEY_HEADS_BLOCK=key_heads_block, HALF_BLOCK=half_block, PASS_BLOCK=pass_block,
+        num_warps=num_warps)
     return query_out, key_out
 
 
