@@ -3,3 +3,6 @@ from __future__ import annotations
 
 from runtime.kernels import native  # noqa: F401  (registers the native implementations)
 from runtime.kernels import triton_kernels  # noqa: F401  (registers "triton" when Triton is installed)
+
+if triton_kernels.triton_jit is not None:
+    from runtime.kernels import triton_linear  # noqa: F401  (registers linear's "triton")

@@ -22,11 +22,8 @@ import torch
 
 from runtime.forward_context import AttentionMetadata
 from runtime.kernels import attention_jit, triton_kernels
-from runtime.kernels.triton_kernels import _next_power_of_2
+from runtime.kernels.triton_kernels import _next_power_of_2, device_processors
 from runtime.kv_cache import AttentionKind, AttentionSpec, LayerKVCache
-
-INTERPRETER_PROCESSORS = 2  # stands in for the multiprocessor count where Triton is interpreted
-
 
 @dataclass(frozen=True)
 class DecodeTuning:
@@ -71,14 +68,6 @@ def decode_plan(spec: AttentionSpec, rows: int, processors: int,
                       block_g=max(16, _next_power_of_2(spec.num_heads // spec.num_kv_heads)),
                       block_d=max(16, _next_power_of_2(spec.head_size)),
                       fuse_write=tuning.fuse_write)
-
-
-@functools.cache
-def device_processors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (read once); the stand-in elsewhere."""
-    if device.type != "cuda":
-        return INTERPRETER_PROCESSORS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -1,6 +1,8 @@
 """Native PyTorch implementations of the dispatch ops: run anywhere, the reference for the rest."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,21 @@ def fused_add_layer_norm(
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)  # each (..., d)
     return F.silu(gate) * up
+
+
+# The activations a projection can carry as its epilogue (`fxkiln.linear`'s `activation`).
+LINEAR_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda y: y,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu_and_mul": silu_and_mul,
+}
+
+
+@register_kernel("linear", "native", supports=_everywhere)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           activation: str) -> torch.Tensor:
+    return LINEAR_ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
 @register_kernel("rotary_embedding", "native", supports=_everywhere)

@@ -12,6 +12,7 @@ prefers native. Without Triton installed this module registers nothing.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ except ModuleNotFoundError as missing:  # Triton absent: no "triton" implementat
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROW_BLOCK = 65536  # one program holds a whole row for the norms
 SILU_BLOCK = 1024
+INTERPRETER_PROCESSORS = 2  # stands in for the multiprocessor count where Triton is interpreted
 
 
 def _jitted_for_interpreter() -> bool:
@@ -59,6 +61,15 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 def priority(device: torch.device, dtype: torch.dtype) -> int:
     """Above native on CUDA; below it on CPU, where Triton only runs interpreted."""
     return 1 if device.type == "cuda" else -1
+
+
+@functools.cache
+def device_processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device); a stand-in elsewhere.
+    Launch plans that spread work over the device size their grids by it."""
+    if device.type != "cuda":
+        return INTERPRETER_PROCESSORS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # -- launch constants (compile time in graphs, per call in eager) -------------------------------

@@ -1,0 +1,65 @@
+"""Triton device code for projections of a few rows (decode GEMV) with a fused epilogue.
+
+Importing this module needs `triton`; the launcher lives in `runtime.kernels.triton_linear`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Epilogue codes (ACTIVATION): the names of runtime.kernels.native.LINEAR_ACTIVATIONS.
+NONE, GELU, GELU_TANH, SILU_AND_MUL = 0, 1, 2, 3
+
+
+@triton.jit
+def linear_rows_kernel(
+    out_ptr, x_ptr, weight_ptr, bias_ptr, rows, x_row_stride, weight_row_stride, out_row_stride,
+    OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program per BLOCK_N output features, for all `rows` (<= BLOCK_M) input rows at once, so
+    each weight element is read once: out = act(x W^T + b).
+
+    SILU_AND_MUL reads two weight rows per output feature f, the gate (row f) and the up
+    projection (row OUT_FEATURES + f), and writes silu(gate) * up. The product accumulates in
+    float32; the result is rounded to the output dtype before the activation, and the SiLU
+    before the multiply, where the unfused ops round. The weight's shape is static (one
+    compiled kernel per projection shape, the loop over IN_FEATURES known at compile time).
+    """
+    block = tl.program_id(0)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < OUT_FEATURES
+    row_ids = tl.arange(0, BLOCK_M)
+    row_mask = row_ids < rows
+    gate_rows = weight_ptr + cols.to(tl.int64)[:, None] * weight_row_stride   # (BLOCK_N, 1)
+    up_rows = gate_rows + OUT_FEATURES * weight_row_stride
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    up_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for start in range(0, IN_FEATURES, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < IN_FEATURES
+        x = tl.load(x_ptr + row_ids[:, None] * x_row_stride + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        w_mask = col_mask[:, None] & k_mask[None, :]
+        weight = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * weight[None, :, :], axis=2)             # (BLOCK_M, BLOCK_N)
+        if ACTIVATION == SILU_AND_MUL:
+            up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            up_acc += tl.sum(x[:, None, :] * up[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION == SILU_AND_MUL:
+            up_acc += tl.load(bias_ptr + OUT_FEATURES + cols, mask=col_mask,
+                              other=0.0).to(tl.float32)[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    y = acc.to(out_dtype).to(tl.float32)
+    if ACTIVATION == GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == GELU_TANH:
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (2.0 / (1.0 + tl.exp(-2.0 * inner)))  # 1 + tanh(inner)
+    elif ACTIVATION == SILU_AND_MUL:
+        y = (y / (1.0 + tl.exp(-y))).to(out_dtype).to(tl.float32)
+        y = y * up_acc.to(out_dtype).to(tl.float32)
+    tl.store(out_ptr + row_ids[:, None] * out_row_stride + cols[None, :], y.to(out_dtype),
+             mask=row_mask[:, None] & col_mask[None, :])
