@@ -32,20 +32,20 @@ def grouped_decode_attention_kernel(
     out_ptr, partial_ptr, stats_ptr, query_ptr, key_ptr, value_ptr, key_cache_ptr,
     value_cache_ptr, tables_ptr, seq_lens_ptr, slots_ptr,
     query_row_stride, key_row_stride, value_row_stride, out_row_stride, table_row_stride,
-    slot_stride, stats_plane, scale,
+    slot_stride, stats_plane, scale, splits,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, KV_ROW: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
     WRITE_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program (sequence, KV head, split): the KV head's whole query group (GROUP query heads)
     over the split's share of the sequence's cached positions, so each K/V row is loaded once
     per group rather than once per query head.
 
-    Split s of SPLITS covers positions [s * chunk, (s + 1) * chunk) of the sequence's length
+    Split s of `splits` covers positions [s * chunk, (s + 1) * chunk) of the sequence's length
     (read from the device, so a recorded graph serves any context), chunk being the length over
-    SPLITS rounded up to whole blocks of BLOCK_N. Online softmax in float32. SPLITS == 1 writes
-    the normalized output; otherwise the unnormalized partial (acc, running max, running sum)
-    goes to the workspace for `decode_reduce_kernel`. WRITE_NEW (decoder self-attention): the
+    `splits` rounded up to whole blocks of BLOCK_N. Online softmax in float32. Without PARTIAL
+    (one split) the program writes the normalized output; with it, the unnormalized partial
+    (acc, running max, running sum) goes to the workspace for `decode_reduce_kernel`. WRITE_NEW (decoder self-attention): the
     newest position (length - 1) is this step's token, read from key/value rather than the
     cache, and the split that owns it also writes it to cache slot slots[sequence] (unless -1).
     The products run in the cache dtype (float32 accumulation); UPCAST runs them in float32
@@ -55,7 +55,7 @@ def grouped_decode_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + row).to(tl.int32)
-    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
     cached_hi = hi
@@ -114,32 +114,32 @@ def grouped_decode_attention_kernel(
                 tl.store(key_cache_ptr + slot * KV_ROW + kv_offset + dims, new_key, mask=dim_mask)
                 tl.store(value_cache_ptr + slot * KV_ROW + kv_offset + dims, new_value,
                          mask=dim_mask)
-    if SPLITS == 1:
+    if not PARTIAL:
         result = tl.where(running_sum[:, None] > 0,
                           acc / tl.maximum(running_sum, 1e-30)[:, None], 0.0)
         tl.store(out_ptr + row * out_row_stride + q_heads[:, None] * HEAD_SIZE + dims[None, :],
                  result.to(out_ptr.dtype.element_ty), mask=group_mask)
     else:
-        base = (row * NUM_HEADS + q_heads) * SPLITS + split                     # (BLOCK_G,)
+        base = (row * NUM_HEADS + q_heads) * splits + split                     # (BLOCK_G,)
         tl.store(partial_ptr + base[:, None] * HEAD_SIZE + dims[None, :], acc, mask=group_mask)
         tl.store(stats_ptr + base, running_max, mask=head_mask)
         tl.store(stats_ptr + stats_plane + base, running_sum, mask=head_mask)
 
 
 @triton.jit
-def decode_reduce_kernel(out_ptr, partial_ptr, stats_ptr, out_row_stride, stats_plane,
-                         NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (sequence, query head): combine the SPLITS partials of the split decode kernel,
+def decode_reduce_kernel(out_ptr, partial_ptr, stats_ptr, out_row_stride, stats_plane, splits,
+                         NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Program (sequence, query head): combine the `splits` partials of the split decode kernel,
     each weighted by exp(its max - the overall max). Empty splits (max -inf) weigh nothing; a
     sequence with no positions (a padding row) gets a zero row."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < SPLITS
+    split_ids = tl.arange(0, BLOCK_S)
+    split_mask = split_ids < splits
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_SIZE
-    base = (row * NUM_HEADS + head) * SPLITS + splits                          # (BLOCK_S,)
+    base = (row * NUM_HEADS + head) * splits + split_ids                       # (BLOCK_S,)
     maxima = tl.load(stats_ptr + base, mask=split_mask, other=float("-inf"))
     sums = tl.load(stats_ptr + stats_plane + base, mask=split_mask, other=0.0)
     overall = tl.max(maxima, axis=0)

@@ -59,11 +59,14 @@ class DecodePlan:
 @functools.cache
 def decode_plan(spec: AttentionSpec, rows: int, processors: int,
                 tuning: DecodeTuning | None = None) -> DecodePlan:
-    """The plan for `rows` decode rows of a layer with `spec` on a device of `processors` SMs."""
+    """The plan for `rows` decode rows of a layer with `spec` on a device of `processors` SMs:
+    the largest power-of-two split count whose grid stays within the tuning's programs per SM
+    (at least one split, at most `max_splits`)."""
     tuning = tuning or DECODE_TUNING.get(spec.head_size, DEFAULT_TUNING)
     programs = max(rows * spec.num_kv_heads, 1)
-    wanted = -(-processors * tuning.programs_per_processor // programs)
-    return DecodePlan(splits=max(1, min(wanted, tuning.max_splits)), block_n=tuning.block_n,
+    wanted = min(processors * tuning.programs_per_processor // programs, tuning.max_splits)
+    splits = 1 << (max(wanted, 1).bit_length() - 1)  # a power of two, at most what fills it
+    return DecodePlan(splits=splits, block_n=tuning.block_n,
                       num_warps=tuning.num_warps,
                       block_g=max(16, _next_power_of_2(spec.num_heads // spec.num_kv_heads)),
                       block_d=max(16, _next_power_of_2(spec.head_size)),
@@ -152,13 +155,14 @@ def launch_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         out, partial, stats, query, key_rows, value_rows, cache.key, cache.value, tables,
         lengths, slot_rows, query.stride(0), key_rows.stride(0), value_rows.stride(0),
         out.stride(0), tables.stride(0), slot_rows.stride(0), stats_plane, spec.scale,
-        NUM_HEADS=spec.num_heads, GROUP=spec.num_heads // spec.num_kv_heads,
+        plan.splits, NUM_HEADS=spec.num_heads, GROUP=spec.num_heads // spec.num_kv_heads,
         HEAD_SIZE=spec.head_size, KV_ROW=spec.num_kv_heads * spec.head_size,
-        BLOCK_G=plan.block_g, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, SPLITS=plan.splits,
+        BLOCK_G=plan.block_g, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n,
+        PARTIAL=plan.splits > 1,
         WRITE_NEW=fuse, UPCAST=interpreted, num_warps=plan.num_warps,
         DOT_PRECISION="ieee" if interpreted or cache.key.dtype == torch.float32 else "tf32")
     if plan.splits > 1:
         attention_jit.decode_reduce_kernel[(rows, spec.num_heads)](
-            out, partial, stats, out.stride(0), stats_plane, NUM_HEADS=spec.num_heads,
-            HEAD_SIZE=spec.head_size, SPLITS=plan.splits,
+            out, partial, stats, out.stride(0), stats_plane, plan.splits,
+            NUM_HEADS=spec.num_heads, HEAD_SIZE=spec.head_size,
             BLOCK_S=_next_power_of_2(plan.splits), BLOCK_D=plan.block_d, num_warps=1)
