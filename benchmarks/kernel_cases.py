@@ -111,6 +111,11 @@ def attention_case(model: str, shape: ModelShape, batch: int, context: int,
     variants = {"default": (_plan_params(default), run(default))}
     unfused = dataclasses.replace(default, fuse_write=False)
     variants["default-unfused-write"] = (_plan_params(unfused), run(unfused))
+    group_block = triton_kernels._next_power_of_2(shape.heads // shape.kv_heads)
+    if group_block != default.block_g:  # the group unpadded (tl.dot pads small tiles itself)
+        narrow = dataclasses.replace(default, block_g=group_block)
+        variants["default-narrow-group"] = ({**_plan_params(narrow), "block_g": group_block},
+                                            run(narrow))
     for splits in sweep["splits"]:
         for block_n, num_warps in sweep["blocks"]:
             if splits > 1 and (splits - 1) * block_n >= context:

@@ -4,7 +4,8 @@ in, Python literals out), so that the sweep's numbers go into the code as they a
 - `DECODE_TUNING` (runtime/kernels/decode_attention.py), per head size: the (block_n, warps)
   pair with the least total time over the cases (each at its best split count), then the
   programs-per-SM and split cap for which `decode_plan`'s rule picks the fastest split counts,
-  and whether the fused cache write beats a separate one;
+  whether the fused cache write beats a separate one, and whether unpadded query groups beat
+  groups padded to 16 rows;
 - `GEMV_TUNING` (runtime/kernels/triton_linear.py), per projection shape: the largest swept row
   count up to which the GEMV beats cuBLAS plus the activation's kernel by 3% at every swept row
   count, and the parameters with the least total time over those rows (max_rows 0: cuBLAS);
@@ -79,9 +80,10 @@ def decode_tuning(records: list[dict[str, Any]], processors: int) -> str:
         per_sm, cap = min(rules, key=rule_total)
         fused = sum(_named(r, "default") for r in group)
         unfused = sum(_named(r, "default-unfused-write") for r in group)
+        narrow = sum(_named(r, "default-narrow-group") for r in group)
         entries.append(f"{head_size}: DecodeTuning(block_n={block_n}, num_warps={num_warps}, "
                        f"programs_per_processor={per_sm}, max_splits={cap}, "
-                       f"fuse_write={fused <= unfused})")
+                       f"fuse_write={fused <= unfused}, min_block_g={1 if narrow < fused else 16})")
     return "{" + ", ".join(entries) + "}"
 
 

@@ -167,16 +167,19 @@ def _against_native(spec: AttentionSpec, lengths: list[int], plan: object, dtype
        head_size=st.sampled_from([8, 16, 24]),
        lengths=st.lists(st.integers(1, 70), min_size=1, max_size=3),
        splits=st.integers(1, 5), block_n=st.sampled_from([16, 32]), fuse=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       narrow=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        seed=st.integers(0, 2**16))
 def test_split_grouped_kernel_matches_native(heads: tuple[int, int], head_size: int,
                                              lengths: list[int], splits: int, block_n: int,
-                                             fuse: bool, dtype: torch.dtype, seed: int) -> None:
-    """Any number of splits (more than a short context needs, too), block size, group size,
-    with the cache write in the kernel or before it: native's output and cache."""
+                                             fuse: bool, narrow: bool, dtype: torch.dtype,
+                                             seed: int) -> None:
+    """Any number of splits (more than a short context needs, too), block size, group size
+    (padded to 16 query rows or not), with the cache write in the kernel or before it: native's
+    output and cache."""
     torch.manual_seed(seed)
     spec = AttentionSpec(heads[0], heads[1], head_size, head_size ** -0.5)
-    block_g = max(16, triton_kernels._next_power_of_2(heads[0] // heads[1]))
+    block_g = triton_kernels._next_power_of_2(heads[0] // heads[1])
+    block_g = block_g if narrow else max(16, block_g)
     block_d = max(16, triton_kernels._next_power_of_2(head_size))
     plan = DecodePlan(splits, block_n, 2, block_g, block_d, fuse)
     _against_native(spec, lengths, plan, dtype, "cpu", TOLERANCES)

@@ -29,7 +29,7 @@ def test_decode_tuning_picks_the_blocks_then_the_split_rule() -> None:
     text = decode_tuning([one, many], processors=16)
     # 16 SMs x 4 per SM / 8 programs = 8 splits at batch 1; 64 / 512 -> 1 split at batch 64
     assert text == ("{64: DecodeTuning(block_n=32, num_warps=4, programs_per_processor=4, "
-                    "max_splits=8, fuse_write=True)}")
+                    "max_splits=8, fuse_write=True, min_block_g=16)}")
 
 
 def _linear(rows: int, baseline: float, gemv: dict[tuple[int, int, int], float]

@@ -34,6 +34,7 @@ class DecodeTuning:
     programs_per_processor: int  # split until rows * kv_heads * splits reaches this many per SM
     max_splits: int
     fuse_write: bool = True   # write the step's K/V inside the attention kernel
+    min_block_g: int = 16     # query heads per program padded to at least this (tensor cores)
 
 
 # Provisional, from first principles (one to two K/V tiles of 8 KB per iteration, two waves of
@@ -51,7 +52,7 @@ class DecodePlan:
     splits: int
     block_n: int
     num_warps: int
-    block_g: int       # query heads per program, padded for tl.dot (>= 16)
+    block_g: int       # query heads per program, the group padded to a power of two
     block_d: int       # head size, padded to a power of two (>= 16)
     fuse_write: bool
 
@@ -68,7 +69,8 @@ def decode_plan(spec: AttentionSpec, rows: int, processors: int,
     splits = 1 << (max(wanted, 1).bit_length() - 1)  # a power of two, at most what fills it
     return DecodePlan(splits=splits, block_n=tuning.block_n,
                       num_warps=tuning.num_warps,
-                      block_g=max(16, _next_power_of_2(spec.num_heads // spec.num_kv_heads)),
+                      block_g=max(tuning.min_block_g,
+                                  _next_power_of_2(spec.num_heads // spec.num_kv_heads)),
                       block_d=max(16, _next_power_of_2(spec.head_size)),
                       fuse_write=tuning.fuse_write)
 

@@ -33,8 +33,10 @@ def linear_rows_kernel(
     row_mask = row_ids < rows
     gate_rows = weight_ptr + cols.to(tl.int64)[:, None] * weight_row_stride   # (BLOCK_N, 1)
     up_rows = gate_rows + OUT_FEATURES * weight_row_stride
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    up_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # Products accumulate elementwise over the K blocks; one reduction over K at the end
+    # (no cross-thread reduction inside the loop).
+    products = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+    up_products = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
     for start in range(0, IN_FEATURES, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < IN_FEATURES
@@ -42,10 +44,12 @@ def linear_rows_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         w_mask = col_mask[:, None] & k_mask[None, :]
         weight = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * weight[None, :, :], axis=2)             # (BLOCK_M, BLOCK_N)
+        products += x[:, None, :] * weight[None, :, :]                # (BLOCK_M, BLOCK_N, BLOCK_K)
         if ACTIVATION == SILU_AND_MUL:
             up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            up_acc += tl.sum(x[:, None, :] * up[None, :, :], axis=2)
+            up_products += x[:, None, :] * up[None, :, :]
+    acc = tl.sum(products, axis=2)                                       # (BLOCK_M, BLOCK_N)
+    up_acc = tl.sum(up_products, axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION == SILU_AND_MUL:
