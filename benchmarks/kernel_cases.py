@@ -159,24 +159,24 @@ def linear_case(model: str, projection: tuple[int, int, str, bool], rows: int,
     bias = torch.randn(weight_rows, device=device, dtype=dtype) * 0.1 if has_bias else None
     x = torch.randn(rows, in_features, device=device, dtype=dtype)
 
-    def gemv(constants: tuple[int, int, int, int]) -> Run:
+    def gemv(constants: tuple[int, ...]) -> Run:
         return lambda i: triton_linear.linear(x, weights[i % copies], bias, epilogue, *constants)
 
     chosen = triton_linear.linear_constants(x, weights[0], bias, epilogue)
-    variants = {"default": ({"max_rows": chosen[0], "block_n": chosen[1], "budget": chosen[2],
-                             "num_warps": chosen[3]}, gemv(chosen))}
+    names = ("max_rows", "block_n", "budget", "num_warps", "num_stages")
+    variants = {"default": (dict(zip(names, chosen)), gemv(chosen))}
     processors = triton_kernels.device_processors(device)
     rule = triton_linear.gemv_tuning(out_features, in_features, epilogue == "silu_and_mul", 0,
                                      processors).block_n  # the rule's block, size aside
-    for block_n in sorted({max(rule // 2, 1), rule, 2 * rule}):
+    for block_n in (rule, 2 * rule):
         for budget, num_warps in sweep["budgets"]:
-            params = {"max_rows": rows, "block_n": block_n, "budget": budget,
-                      "num_warps": num_warps}
-            variants[f"n{block_n}-b{budget}-w{num_warps}"] = (
-                params, gemv((rows, block_n, budget, num_warps)))
+            for num_stages in sweep["stages"]:
+                constants = (rows, block_n, budget, num_warps, num_stages)
+                variants[f"n{block_n}-b{budget}-w{num_warps}-s{num_stages}"] = (
+                    dict(zip(names, constants)), gemv(constants))
 
     def check() -> tuple[Any, Any]:
-        forced = (rows, *chosen[1:]) if chosen[0] else (rows, 16, 4096, 4)  # the GEMV itself
+        forced = (rows, *chosen[1:]) if chosen[0] else (rows, 16, 4096, 4, 3)  # the GEMV itself
         return gemv(forced)(0), native.linear(x, weights[0], bias, epilogue)
 
     return Case("linear", model, {"rows": rows, "out_features": out_features,

@@ -108,15 +108,17 @@ def gemv_tuning(records: list[dict[str, Any]]) -> str:
         if not adopted:
             entries.append(f"{key}: GemvTuning(max_rows=0, block_n=1, budget=4096, num_warps=4)")
             continue
-        params = {(v["block_n"], v["budget"], v["num_warps"]) for v in _timed(adopted[0])
-                  if v["name"] != "default"}
+        params = {_gemv_params(v) for v in _timed(adopted[0]) if v["name"] != "default"}
 
-        def total(choice: tuple[int, int, int]) -> float:
+        def total(choice: tuple[int, int, int, int]) -> float:
             return sum(min((v["us"] for v in _timed(r) if v["name"] != "default" and
-                            (v["block_n"], v["budget"], v["num_warps"]) == choice),
-                           default=float("inf")) for r in adopted)
+                            _gemv_params(v) == choice), default=float("inf")) for r in adopted)
 
-        block_n, budget, num_warps = min(sorted(params), key=total)
+        block_n, budget, num_warps, num_stages = min(sorted(params), key=total)
         entries.append(f"{key}: GemvTuning(max_rows={adopted[-1]['rows']}, block_n={block_n}, "
-                       f"budget={budget}, num_warps={num_warps})")
+                       f"budget={budget}, num_warps={num_warps}, num_stages={num_stages})")
     return "{" + ", ".join(entries) + "}"
+
+
+def _gemv_params(variant: dict[str, Any]) -> tuple[int, int, int, int]:
+    return variant["block_n"], variant["budget"], variant["num_warps"], variant["num_stages"]

@@ -34,8 +34,8 @@ def test_decode_tuning_picks_the_blocks_then_the_split_rule() -> None:
 
 def _linear(rows: int, baseline: float, gemv: dict[tuple[int, int, int], float]
             ) -> dict[str, Any]:
-    variants = [{"name": f"n{n}-b{b}-w{w}", "block_n": n, "budget": b, "num_warps": w, "us": us}
-                for (n, b, w), us in gemv.items()]
+    variants = [{"name": f"n{n}-b{b}-w{w}-s3", "block_n": n, "budget": b, "num_warps": w,
+                 "num_stages": 3, "us": us} for (n, b, w), us in gemv.items()]
     return {"kernel": "linear", "model": "m", "rows": rows, "out_features": 1024,
             "in_features": 4096, "epilogue": "none", "baseline_us": baseline,
             "variants": variants + [{"name": "default", "us": baseline}]}
@@ -46,7 +46,7 @@ def test_gemv_tuning_adopts_up_to_the_last_row_count_that_wins() -> None:
                _linear(4, 10.0, {(4, 4096, 4): 7.0, (8, 4096, 4): 9.0}),
                _linear(8, 10.0, {(4, 4096, 4): 9.9, (8, 4096, 4): 11.0})]  # not 3% faster
     assert gemv_tuning(records) == ("{(1024, 4096, False): GemvTuning(max_rows=4, block_n=4, "
-                                    "budget=4096, num_warps=4)}")  # 6 + 7 beats 5 + 9
+                                    "budget=4096, num_warps=4, num_stages=3)}")  # 6+7 < 5+9
     losing = [_linear(1, 5.0, {(4, 4096, 4): 6.0})]
     assert "max_rows=0" in gemv_tuning(losing)
     assert set(suggestions(records + [{"kernel": "norm", "error": "x"}], 16)) == {"GEMV_TUNING"}
@@ -59,7 +59,7 @@ def test_cpu_smoke_run_writes_cases_and_suggestions(tmp_path: Path) -> None:
     out = kernels.main(["--device", "cpu", "--kernels", "linear,norm", "--models", "bart-large",
                         "--out", str(tmp_path / "k.json")])
     result = json.loads(out.read_text())
-    assert [case["kernel"] for case in result["cases"]] == ["linear"] * 4 + ["norm"] * 2
+    assert [case["kernel"] for case in result["cases"]] == ["norm"] * 2 + ["linear"] * 4
     assert all(case["check"]["ok"] for case in result["cases"])
     assert all("us" in variant for case in result["cases"] for variant in case["variants"])
     assert "GEMV_TUNING" in result["suggestions"] and result["skipped"] == []

@@ -40,8 +40,10 @@ class DecodeTuning:
 # Provisional, from first principles (one to two K/V tiles of 8 KB per iteration, two waves of
 # programs on the device); to be replaced by the sweep of benchmarks/kernels.py on the H200.
 DEFAULT_TUNING = DecodeTuning(block_n=64, num_warps=4, programs_per_processor=2, max_splits=32)
+# Head size 128 takes 8 warps: with 4, its K/V tiles of 32 or more positions spill registers
+# (ptxas for sm_90: 255 registers and a stack frame; 8 warps: 186 registers, no stack).
 DECODE_TUNING: dict[int, DecodeTuning] = {
-    128: DecodeTuning(block_n=32, num_warps=4, programs_per_processor=2, max_splits=32),
+    128: DecodeTuning(block_n=32, num_warps=8, programs_per_processor=2, max_splits=32),
 }
 
 
@@ -167,4 +169,11 @@ def launch_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         attention_jit.decode_reduce_kernel[(rows, spec.num_heads)](
             out, partial, stats, out.stride(0), stats_plane, plan.splits,
             NUM_HEADS=spec.num_heads, HEAD_SIZE=spec.head_size,
-            BLOCK_S=_next_power_of_2(plan.splits), BLOCK_D=plan.block_d, num_warps=1)
+            BLOCK_S=_next_power_of_2(plan.splits), BLOCK_D=plan.block_d,
+            num_warps=reduce_warps(plan))
+
+
+def reduce_warps(plan: DecodePlan) -> int:
+    """Warps of the reduce: one for a few partials, four once (splits, head) tiles are large
+    (32 x 128 fp32 in one warp takes 149 registers; 64 x 128 spills)."""
+    return 4 if _next_power_of_2(plan.splits) * plan.block_d >= 2048 else 1

@@ -7,8 +7,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Epilogue codes (ACTIVATION): the names of runtime.kernels.native.LINEAR_ACTIVATIONS.
-NONE, GELU, GELU_TANH, SILU_AND_MUL = 0, 1, 2, 3
+# Epilogue codes (ACTIVATION) for the names of runtime.kernels.native.LINEAR_ACTIVATIONS
+# (constexpr globals: the only globals a jitted function may read).
+NONE, GELU, GELU_TANH, SILU_AND_MUL = (tl.constexpr(code) for code in range(4))
 
 
 @triton.jit
@@ -16,15 +17,21 @@ def linear_rows_kernel(
     out_ptr, x_ptr, weight_ptr, bias_ptr, rows, x_row_stride, weight_row_stride, out_row_stride,
     OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program per BLOCK_N output features, for all `rows` (<= BLOCK_M) input rows at once, so
     each weight element is read once: out = act(x W^T + b).
 
-    SILU_AND_MUL reads two weight rows per output feature f, the gate (row f) and the up
-    projection (row OUT_FEATURES + f), and writes silu(gate) * up. The product accumulates in
+    One row (BLOCK_M == 1) multiplies on the FMA units, accumulating the (BLOCK_N, BLOCK_K)
+    products elementwise and reducing over K once at the end; more rows go through tl.dot (the
+    tensor cores pad the few rows), whose accumulator stays (BLOCK_M, BLOCK_N) however large the
+    weight tile. SILU_AND_MUL reads two weight rows per output feature f, the gate (row f) and
+    the up projection (row OUT_FEATURES + f), and writes silu(gate) * up. Accumulation is
     float32; the result is rounded to the output dtype before the activation, and the SiLU
     before the multiply, where the unfused ops round. The weight's shape is static (one
-    compiled kernel per projection shape, the loop over IN_FEATURES known at compile time).
+    compiled kernel per projection shape); the loop's weight loads are software-pipelined
+    NUM_STAGES deep (tl.range: plain loads too, not only those feeding a dot). UPCAST runs the
+    dots in float32 (Triton's CPU interpreter has no bfloat16 arithmetic).
     """
     block = tl.program_id(0)
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -33,23 +40,35 @@ def linear_rows_kernel(
     row_mask = row_ids < rows
     gate_rows = weight_ptr + cols.to(tl.int64)[:, None] * weight_row_stride   # (BLOCK_N, 1)
     up_rows = gate_rows + OUT_FEATURES * weight_row_stride
-    # Products accumulate elementwise over the K blocks; one reduction over K at the end
-    # (no cross-thread reduction inside the loop).
-    products = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
-    up_products = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
-    for start in range(0, IN_FEATURES, BLOCK_K):
+    dot_dtype = tl.float32 if UPCAST else weight_ptr.dtype.element_ty
+    if BLOCK_M == 1:
+        products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        up_products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        up_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for start in tl.range(0, IN_FEATURES, BLOCK_K, num_stages=NUM_STAGES):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < IN_FEATURES
         x = tl.load(x_ptr + row_ids[:, None] * x_row_stride + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)      # (BLOCK_M, BLOCK_K)
         w_mask = col_mask[:, None] & k_mask[None, :]
-        weight = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
-        products += x[:, None, :] * weight[None, :, :]                # (BLOCK_M, BLOCK_N, BLOCK_K)
+        weight = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)     # (BLOCK_N, BLOCK_K)
         if ACTIVATION == SILU_AND_MUL:
-            up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            up_products += x[:, None, :] * up[None, :, :]
-    acc = tl.sum(products, axis=2)                                       # (BLOCK_M, BLOCK_N)
-    up_acc = tl.sum(up_products, axis=2)
+            up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+        if BLOCK_M == 1:
+            products += x.to(tl.float32) * weight.to(tl.float32)
+            if ACTIVATION == SILU_AND_MUL:
+                up_products += x.to(tl.float32) * up.to(tl.float32)
+        else:
+            x = x.to(dot_dtype)
+            acc = tl.dot(x, tl.trans(weight.to(dot_dtype)), acc, input_precision=DOT_PRECISION)
+            if ACTIVATION == SILU_AND_MUL:
+                up_acc = tl.dot(x, tl.trans(up.to(dot_dtype)), up_acc,
+                                input_precision=DOT_PRECISION)
+    if BLOCK_M == 1:
+        acc = tl.sum(products, axis=1)[None, :]                              # (1, BLOCK_N)
+        up_acc = tl.sum(up_products, axis=1)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION == SILU_AND_MUL:

@@ -33,7 +33,7 @@ def _args(rows: int, out_features: int, in_features: int, bias: bool, activation
     return cast(x), cast(weight), cast(offset), activation
 
 
-def _check(args: tuple, constants: tuple[int, int, int, int],
+def _check(args: tuple, constants: tuple[int, ...],
            tolerances: dict[torch.dtype, tuple[float, float]]) -> None:
     expected = native.linear(*args)
     actual = triton_linear.linear(*args, *constants)
@@ -47,16 +47,16 @@ def _check(args: tuple, constants: tuple[int, int, int, int],
        bias=st.booleans(), activation=st.sampled_from(EPILOGUES),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        block_n=st.sampled_from([1, 4, 16]), budget=st.sampled_from([256, 4096]),
-       batched=st.booleans(), seed=st.integers(0, 2**16))
+       stages=st.sampled_from([1, 3]), batched=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_matches_native_interpreted(rows: int, out_features: int, in_features: int,
                                            bias: bool, activation: str, dtype: torch.dtype,
-                                           block_n: int, budget: int, batched: bool,
+                                           block_n: int, budget: int, stages: int, batched: bool,
                                            seed: int) -> None:
     """Rows up to 8 take the GEMV, 9 and 10 the cuBLAS path; strided and batched inputs."""
     torch.manual_seed(seed)
     args = _args(rows, out_features, in_features, bias, activation, dtype, "cpu",
                  leading=(1,) if batched else ())
-    _check(args, (8, block_n, budget, 2), TOLERANCES)
+    _check(args, (8, block_n, budget, 2, stages), TOLERANCES)
 
 
 @needs_interpreter
@@ -64,7 +64,7 @@ def test_flop_counting_sees_the_projection() -> None:
     """Triton kernels are invisible to dispatch modes: under one the call runs native ops."""
     args = _args(2, 16, 32, True, "silu_and_mul", torch.float32, "cpu")
     counts = []
-    for run in (native.linear, lambda *a: triton_linear.linear(*a, 8, 4, 4096, 2)):
+    for run in (native.linear, lambda *a: triton_linear.linear(*a, 8, 4, 4096, 2, 3)):
         with FlopCounterMode(display=False) as counter:
             run(*args)
         counts.append(counter.get_total_flops())
@@ -79,16 +79,17 @@ def test_tuning_leaves_large_weights_to_cublas_and_fills_the_device() -> None:
     assert head.max_rows == 0  # the LM head: cuBLAS reads it near bandwidth already
     wide = triton_linear.gemv_tuning(4096, 1024, False, 8 * 2**20, processors=132)
     assert wide.block_n == 8  # 512 programs
-    assert triton_linear.gemv_blocks(3, 1024, 8, 4096) == (4, 128)
+    assert triton_linear.gemv_blocks(3, 1024, 8, 4096) == (4, 512)  # an 8 x 512 weight tile
     assert triton_linear.gemv_blocks(1, 40, 4, 4096) == (1, 64)  # never past the row
 
 
 def test_measured_tuning_wins_over_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    measured = triton_linear.GemvTuning(max_rows=2, block_n=32, budget=8192, num_warps=8)
+    measured = triton_linear.GemvTuning(max_rows=2, block_n=32, budget=8192, num_warps=8,
+                                        num_stages=2)
     monkeypatch.setitem(triton_linear.GEMV_TUNING, (1024, 4096, False), measured)
     weight = torch.empty(1024, 4096, dtype=torch.bfloat16)
     constants = triton_linear.linear_constants(torch.empty(1, 4096), weight, None, "none")
-    assert constants == (2, 32, 8192, 8)
+    assert constants == (2, 32, 8192, 8, 2)
 
 
 # -- GPU ---------------------------------------------------------------------------------------
@@ -109,5 +110,5 @@ def test_linear_matches_native_on_gpu(shape: tuple[int, int, str, bool], rows: i
         args = _args(rows, out_features, in_features, bias, activation, dtype, "cuda")
         constants = triton_linear.linear_constants(*args)
         _check(args, constants, GPU_TOLERANCES)
-        forced = (8, *constants[1:]) if constants[0] else (8, 16, 4096, 4)  # the GEMV itself
+        forced = (8, *constants[1:]) if constants[0] else (8, 16, 4096, 4, 3)  # the GEMV itself
         _check(args, forced, GPU_TOLERANCES)
