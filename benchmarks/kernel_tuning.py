@@ -8,7 +8,8 @@ in, Python literals out), so that the sweep's numbers go into the code as they a
   groups padded to 16 rows;
 - `GEMV_TUNING` (runtime/kernels/triton_linear.py), per projection shape: the largest swept row
   count up to which the GEMV beats cuBLAS plus the activation's kernel by 3% at every swept row
-  count, and the parameters with the least total time over those rows (max_rows 0: cuBLAS);
+  count (a row count between two swept ones is taken to win when both do), and the parameters
+  with the least total time over those rows (max_rows 0: cuBLAS);
 - the best warps of the norm and rotary kernels per shape, for `_warps_for`.
 """
 from __future__ import annotations
