@@ -122,14 +122,6 @@ def attention_case(model: str, shape: ModelShape, batch: int, context: int,
                 continue  # some splits would get no position at all
             plan = DecodePlan(splits, block_n, num_warps, default.block_g, default.block_d, True)
             variants[f"s{splits}-n{block_n}-w{num_warps}"] = (_plan_params(plan), run(plan))
-    dense = [(cache.key[:batch * context].view(batch, context, shape.kv_heads, -1)
-              .transpose(1, 2).contiguous()) for cache in caches[:2]]
-
-    def sdpa_dense(i: int) -> Any:
-        keys = dense[i % len(dense)]
-        return torch.nn.functional.scaled_dot_product_attention(
-            query.view(batch, shape.heads, 1, -1), keys, keys, enable_gqa=True)
-
     def check() -> tuple[Any, Any]:
         expected = torch.empty_like(out)
         native_attention(query, key, value, expected, caches[0], meta)
@@ -140,7 +132,22 @@ def attention_case(model: str, shape: ModelShape, batch: int, context: int,
                 {"batch": batch, "context": context, "heads": shape.heads,
                  "kv_heads": shape.kv_heads, "head_size": shape.head_size},
                 lambda i: native_attention(query, key, value, out, caches[i % copies], meta),
-                variants, "default", check, copies, peers={"sdpa-dense-gqa": sdpa_dense})
+                variants, "default", check, copies,
+                peers={"sdpa-dense-gqa": _dense_sdpa(query, caches[:2], shape, batch, context)})
+
+
+def _dense_sdpa(query: torch.Tensor, caches: list[LayerKVCache], shape: ModelShape, batch: int,
+                context: int) -> Run:
+    """The peer: SDPA with GQA over dense (batch, kv_heads, context, head_size) K/V, the layout
+    of a Hugging Face static cache."""
+    dense = [(cache.key[:batch * context].view(batch, context, shape.kv_heads, -1)
+              .transpose(1, 2).contiguous()) for cache in caches]
+
+    def attend(i: int) -> Any:
+        keys = dense[i % len(dense)]
+        return torch.nn.functional.scaled_dot_product_attention(
+            query.view(batch, shape.heads, 1, -1), keys, keys, enable_gqa=True)
+    return attend
 
 
 def _plan_params(plan: DecodePlan) -> dict[str, Any]:

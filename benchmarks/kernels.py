@@ -5,15 +5,15 @@ decode shapes, over a sweep of its launch parameters, in one GPU call of a few m
                                  [--kernels decode_attention,linear,norm,rotary]
                                  [--models llama-1b,bart-large,llama-8b]
 
-Per case (kernel, model, shape: batch 1, 8, 64 at contexts 256 and 2048 for decode attention;
-1 and 8 rows for the projections; 1, 8, 64 rows for add + norm and rotary) it checks the code's
+Per case (kernel, model, shape: batch 1, 8, 64 at contexts 256 and 2048 for decode attention; 1
+and 8 rows for the projections; 1, 8, 64 rows for add + norm and rotary) it checks the code's
 current choice against native (GPU tolerances, fresh random inputs), then times native (the
 baseline), the current choice and every swept variant: microseconds per call, from a CUDA graph
 of calls over buffers rotated past the L2 cache, median of 5 replays. Cases run in order of
-expected gain until `--budget` seconds are spent (the last, longest sweep first to go). It writes `benchmarks/results/kernels-<dev>
-.json`, prints a table, and prints the tuning the sweep suggests (`DECODE_TUNING`,
-`GEMV_TUNING` literals for runtime/kernels/). On CPU it is a smoke run: tiny shapes, Triton
-interpreted, a one-point sweep, host timing.
+expected gain until `--budget` seconds are spent (the last, longest sweep first to go). It
+writes `benchmarks/results/kernels-<dev>.json`, prints a table, and prints the tuning the sweep
+suggests (`DECODE_TUNING`, `GEMV_TUNING` literals for runtime/kernels/). On CPU it is a smoke
+run: tiny shapes, Triton interpreted, a one-point sweep, host timing.
 """
 from __future__ import annotations
 

@@ -45,11 +45,11 @@ def grouped_decode_attention_kernel(
     (read from the device, so a recorded graph serves any context), chunk being the length over
     `splits` rounded up to whole blocks of BLOCK_N. Online softmax in float32. Without PARTIAL
     (one split) the program writes the normalized output; with it, the unnormalized partial
-    (acc, running max, running sum) goes to the workspace for `decode_reduce_kernel`. WRITE_NEW (decoder self-attention): the
-    newest position (length - 1) is this step's token, read from key/value rather than the
-    cache, and the split that owns it also writes it to cache slot slots[sequence] (unless -1).
-    The products run in the cache dtype (float32 accumulation); UPCAST runs them in float32
-    (Triton's CPU interpreter has no bfloat16 arithmetic).
+    (acc, running max, running sum) goes to the workspace for `decode_reduce_kernel`. WRITE_NEW
+    (decoder self-attention): the newest position (length - 1) is this step's token, read from
+    key/value rather than the cache, and the split that owns it also writes it to cache slot
+    slots[sequence] (unless -1). The products run in the cache dtype (float32 accumulation);
+    UPCAST runs them in float32 (Triton's CPU interpreter has no bfloat16 arithmetic).
     """
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -58,9 +58,7 @@ def grouped_decode_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
-    cached_hi = hi
-    if WRITE_NEW:
-        cached_hi = tl.minimum(hi, seq_len - 1)
+    cached_hi = tl.minimum(hi, seq_len - 1) if WRITE_NEW else hi  # the newest: from key/value
     heads = tl.arange(0, BLOCK_G)
     head_mask = heads < GROUP
     dims = tl.arange(0, BLOCK_D)
@@ -85,15 +83,8 @@ def grouped_decode_attention_kernel(
         mask = valid[:, None] & dim_mask[None, :]
         key = tl.load(key_cache_ptr + offsets, mask=mask, other=0.0).to(dot_dtype)
         value = tl.load(value_cache_ptr + offsets, mask=mask, other=0.0).to(dot_dtype)
-        scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))               # (BLOCK_G, BLOCK_N)
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        probs = tl.exp(scores - new_max[:, None])
-        correction = tl.exp(running_max - new_max)
-        acc = acc * correction[:, None] + tl.dot(probs.to(value.dtype), value,
-                                                 input_precision=DOT_PRECISION)
-        running_sum = running_sum * correction + tl.sum(probs, axis=1)
-        running_max = new_max
+        acc, running_max, running_sum = _fold_block(acc, running_max, running_sum, query, key,
+                                                    value, valid, scale, DOT_PRECISION)
         start += BLOCK_N
     if WRITE_NEW:
         newest = seq_len - 1
@@ -102,13 +93,8 @@ def grouped_decode_attention_kernel(
                               other=0.0)                                       # (BLOCK_D,)
             new_value = tl.load(value_ptr + row * value_row_stride + kv_offset + dims,
                                 mask=dim_mask, other=0.0)
-            score = tl.sum(query.to(tl.float32) * new_key.to(tl.float32)[None, :], axis=1) * scale
-            new_max = tl.maximum(running_max, score)
-            prob = tl.exp(score - new_max)
-            correction = tl.exp(running_max - new_max)
-            acc = acc * correction[:, None] + prob[:, None] * new_value.to(tl.float32)[None, :]
-            running_sum = running_sum * correction + prob
-            running_max = new_max
+            acc, running_max, running_sum = _fold_position(
+                acc, running_max, running_sum, query, new_key, new_value, scale)
             slot = tl.load(slots_ptr + row * slot_stride).to(tl.int64)
             if slot >= 0:
                 tl.store(key_cache_ptr + slot * KV_ROW + kv_offset + dims, new_key, mask=dim_mask)
@@ -124,6 +110,33 @@ def grouped_decode_attention_kernel(
         tl.store(partial_ptr + base[:, None] * HEAD_SIZE + dims[None, :], acc, mask=group_mask)
         tl.store(stats_ptr + base, running_max, mask=head_mask)
         tl.store(stats_ptr + stats_plane + base, running_sum, mask=head_mask)
+
+
+@triton.jit
+def _fold_block(acc, running_max, running_sum, query, key, value, valid, scale,
+                DOT_PRECISION: tl.constexpr):
+    """The online softmax of a query group (BLOCK_G, BLOCK_D) over a block of positions, keys
+    and values (BLOCK_N, BLOCK_D) of which `valid` are real: the updated (acc, max, sum)."""
+    scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale
+    scores = tl.where(valid[None, :], scores, float("-inf"))                   # (BLOCK_G, BLOCK_N)
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    probs = tl.exp(scores - new_max[:, None])
+    correction = tl.exp(running_max - new_max)
+    acc = acc * correction[:, None] + tl.dot(probs.to(value.dtype), value,
+                                             input_precision=DOT_PRECISION)
+    return acc, new_max, running_sum * correction + tl.sum(probs, axis=1)
+
+
+@triton.jit
+def _fold_position(acc, running_max, running_sum, query, key, value, scale):
+    """The online softmax of a query group over one more position, of key (BLOCK_D,) and value
+    (BLOCK_D,): the updated (acc, running max, running sum), in float32."""
+    score = tl.sum(query.to(tl.float32) * key.to(tl.float32)[None, :], axis=1) * scale
+    new_max = tl.maximum(running_max, score)
+    prob = tl.exp(score - new_max)
+    correction = tl.exp(running_max - new_max)
+    acc = acc * correction[:, None] + prob[:, None] * value.to(tl.float32)[None, :]
+    return acc, new_max, running_sum * correction + prob
 
 
 @triton.jit

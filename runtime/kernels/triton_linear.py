@@ -2,11 +2,12 @@
 row counts with the bias and the activation fused, cuBLAS (`F.linear`) above.
 
 The launch constants (`linear_constants`: the largest row count that takes the GEMV, the
-features per program, the product-tile budget, warps, pipelining depth) depend only on the weight's static shape
-and the device, so the kernel_choice pass bakes them into the graph. Whether a call takes the
-GEMV is a Python branch on its row count, a static shape: each captured bucket freezes it.
-Past `max_rows`, or for weights the tuning leaves to cuBLAS, the call is `F.linear` followed by
-the activation's own kernel (Triton SiLU-and-mul, `F.gelu`), as before the fusion.
+features per program, the weight-tile budget, warps, pipelining depth) depend only on the
+weight's static shape and the device, so the kernel_choice pass bakes them into the graph.
+Whether a call takes the GEMV is a Python branch on its row count, a static shape: each captured
+bucket freezes it. Past `max_rows`, or for weights the tuning leaves to cuBLAS, the call is
+`F.linear` followed by the activation's own kernel (Triton SiLU-and-mul, `F.gelu`), as before
+the fusion.
 
 Triton kernels are invisible to dispatch modes (FLOP counting, fake tensors): under one, the
 call runs the unfused native ops, which the mode sees.
@@ -106,8 +107,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     linear_jit.linear_rows_kernel[(-(-out_features // block_n),)](
         out_rows, x_rows, weight, weight if bias is None else bias.contiguous(), rows,
         x_rows.stride(0), weight.stride(0), out_rows.stride(0), OUT_FEATURES=out_features,
-        IN_FEATURES=in_features, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, UPCAST=interpreted,
+        IN_FEATURES=in_features, HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, NUM_STAGES=num_stages, UPCAST=interpreted,
         DOT_PRECISION="ieee" if interpreted or x.dtype == torch.float32 else "tf32",
         num_warps=num_warps)
     return out

@@ -77,8 +77,8 @@ def configs() -> Iterator[Config]:
         spec = AttentionSpec(heads, kv_heads, head_size, head_size ** -0.5)
         for batch in (1, 64):
             plan = decode_attention.decode_plan(spec, batch, PROCESSORS)
-            yield (f"attention {model} batch {batch}", attention_jit.grouped_decode_attention_kernel,
-                   ATTENTION_TYPES, dict(
+            yield (f"attention {model} batch {batch}",
+                   attention_jit.grouped_decode_attention_kernel, ATTENTION_TYPES, dict(
                        NUM_HEADS=heads, GROUP=heads // kv_heads, HEAD_SIZE=head_size,
                        KV_ROW=kv_heads * head_size, BLOCK_G=plan.block_g, BLOCK_D=plan.block_d,
                        BLOCK_N=plan.block_n, PARTIAL=plan.splits > 1, WRITE_NEW=plan.fuse_write,
