@@ -187,8 +187,9 @@ def row_line(record: dict[str, Any]) -> str:
     best = record.get("best") or {}
     params = {k: v for k, v in best.items() if k not in ("name", "us")}
     ok = "ok" if record["check"]["ok"] else f"MISMATCH {record['check']['max_abs_error']:.3g}"
-    return (f"{head} native {record['baseline_us']:8.2f} us  default {_us(record['default_us'])}"
-            f"  best {_us(best.get('us'))} {params}  {ok}")
+    peers = "".join(f"  {name} {_us(us)}" for name, us in record.get("peers_us", {}).items())
+    return (f"{head} native {record['baseline_us']:8.2f} us{peers}  default "
+            f"{_us(record['default_us'])}  best {_us(best.get('us'))} {params}  {ok}")
 
 
 def _us(value: float | None) -> str:
