@@ -140,7 +140,9 @@ def capture_hf(hf: nn.Module) -> fx.GraphModule:
     inputs, dynamic = [], []
     for stream in streams:
         n = CAPTURE_TOKENS[stream]
-        dim = torch.export.Dim(f"{stream}_tokens")
+        # DYNAMIC, not a named Dim: device kernels add guards on the token count that hold for
+        # every count but that the export solver cannot prove (CUDA SDPA aligns masks to 8)
+        dim = torch.export.Dim.DYNAMIC
         ids = torch.zeros(n, dtype=torch.long, device=parameter.device)
         if stream == ENCODER and speech:  # two sequences of features, a symbolic count
             ids = torch.zeros(CAPTURE_SEQUENCES, *speech[:2], dtype=parameter.dtype,

@@ -42,8 +42,12 @@ class DecodeTuning:
 DEFAULT_TUNING = DecodeTuning(block_n=64, num_warps=4, programs_per_processor=2, max_splits=32)
 # Head size 128 takes 8 warps: with 4, its K/V tiles of 32 or more positions spill registers
 # (ptxas for sm_90: 255 registers and a stack frame; 8 warps: 186 registers, no stack).
+# Measured (benchmarks/kernels.py on an H200, 2026-12-01, results/kernels-cuda.json): head size
+# 64 at 4 programs per SM; head size 128 at 8 per SM and up to 64 splits (the sweep's 4 warps
+# spill registers at these tiles, so it keeps 8, the sweep's choice at long contexts).
 DECODE_TUNING: dict[int, DecodeTuning] = {
-    128: DecodeTuning(block_n=32, num_warps=8, programs_per_processor=2, max_splits=32),
+    64: DecodeTuning(block_n=64, num_warps=4, programs_per_processor=4, max_splits=32),
+    128: DecodeTuning(block_n=32, num_warps=8, programs_per_processor=8, max_splits=64),
 }
 
 

@@ -51,8 +51,35 @@ GEMV_MAX_WEIGHT_BYTES = 16 * 2**20
 PROGRAMS_PER_PROCESSOR = 4
 DEFAULT_BUDGET = 4096
 # Measured choices by (out_features, in_features, gated), from the sweep of
-# benchmarks/kernels.py on the GPU; shapes not listed follow `gemv_tuning`'s rule.
-GEMV_TUNING: dict[tuple[int, int, bool], GemvTuning] = {}
+# benchmarks/kernels.py on an H200 (2026-12-01, results/kernels-cuda.json): the fastest of the
+# sweep at 1 and 8 rows, cuBLAS (max_rows 1 or 0) where it won at 8; shapes not listed follow
+# `gemv_tuning`'s rule. Keys: BART-large, Llama-3.2-1B and Llama-3-8B decode projections.
+GEMV_TUNING: dict[tuple[int, int, bool], GemvTuning] = {
+    (1024, 1024, False): GemvTuning(max_rows=8, block_n=8, budget=8192, num_warps=8, num_stages=3),
+    (1024, 4096, False): GemvTuning(max_rows=1, block_n=4, budget=8192, num_warps=8, num_stages=3),
+    (2048, 2048, False): GemvTuning(max_rows=1, block_n=4, budget=8192, num_warps=8, num_stages=3),
+    (2048, 8192, False): GemvTuning(max_rows=1, block_n=4, budget=4096, num_warps=4, num_stages=3),
+    (3072, 1024, False): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4,
+                                    num_stages=3),
+    (3072, 2048, False): GemvTuning(max_rows=1, block_n=8, budget=4096, num_warps=4, num_stages=3),
+    (4096, 1024, False): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4,
+                                    num_stages=3),
+    (4096, 4096, False): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4,
+                                    num_stages=3),
+    (4096, 14336, False): GemvTuning(max_rows=1, block_n=8, budget=4096, num_warps=4,
+                                     num_stages=3),
+    (6144, 4096, False): GemvTuning(max_rows=1, block_n=16, budget=4096, num_warps=4,
+                                    num_stages=3),
+    (8192, 2048, True): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4, num_stages=2),
+    (14336, 4096, True): GemvTuning(max_rows=1, block_n=64, budget=8192, num_warps=8,
+                                    num_stages=3),
+    (50265, 1024, False): GemvTuning(max_rows=8, block_n=64, budget=8192, num_warps=8,
+                                     num_stages=3),
+    (128256, 2048, False): GemvTuning(max_rows=8, block_n=64, budget=8192, num_warps=8,
+                                      num_stages=3),
+    (128256, 4096, False): GemvTuning(max_rows=1, block_n=64, budget=8192, num_warps=8,
+                                      num_stages=3),
+}
 
 
 def gemv_tuning(out_features: int, in_features: int, gated: bool, weight_bytes: int,

@@ -72,13 +72,22 @@ def test_flop_counting_sees_the_projection() -> None:
 
 
 def test_tuning_leaves_large_weights_to_cublas_and_fills_the_device() -> None:
-    small = triton_linear.gemv_tuning(1024, 1024, False, 2 * 2**20, processors=132)
+    """The rule for shapes the measured table does not list (these are not in it)."""
+    assert not {(1000, 1024), (50000, 1024), (4000, 1024)} & {k[:2] for k in
+                                                             triton_linear.GEMV_TUNING}
+    small = triton_linear.gemv_tuning(1000, 1024, False, 2 * 2**20, processors=132)
     assert small.max_rows == triton_linear.MAX_GEMV_ROWS
-    assert small.block_n == 4  # 256 programs: within 4 per SM already at the smallest block
-    head = triton_linear.gemv_tuning(50265, 1024, False, 103 * 2**20, processors=132)
-    assert head.max_rows == 0  # the LM head: cuBLAS reads it near bandwidth already
-    wide = triton_linear.gemv_tuning(4096, 1024, False, 8 * 2**20, processors=132)
-    assert wide.block_n == 8  # 512 programs
+    assert small.block_n == 4  # 250 programs: within 4 per SM already at the smallest block
+    head = triton_linear.gemv_tuning(50000, 1024, False, 100 * 2**20, processors=132)
+    assert head.max_rows == 0  # an LM head: left to cuBLAS unless measured otherwise
+    wide = triton_linear.gemv_tuning(4000, 1024, False, 8 * 2**20, processors=132)
+    assert wide.block_n == 8  # 500 programs
+
+
+def test_measured_tuning_overrides_the_rule() -> None:
+    measured = triton_linear.GEMV_TUNING[(50265, 1024, False)]  # BART-large's LM head
+    assert triton_linear.gemv_tuning(50265, 1024, False, 103 * 2**20, processors=132) == measured
+    assert measured.max_rows > 0  # the sweep found the GEMV twice as fast as cuBLAS there
     assert triton_linear.gemv_blocks(3, 1024, 8, 4096) == (4, 512)  # an 8 x 512 weight tile
     assert triton_linear.gemv_blocks(1, 40, 4, 4096) == (1, 64)  # never past the row
 
