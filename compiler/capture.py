@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -164,11 +165,14 @@ def symbolic_propagator(example_inputs: Sequence[Any]) -> ShapePropagator:
     shape_env = ShapeEnv(duck_shape=False, specialize_zero_one=False)
     mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
     fakes: list[Any] = []
-    for value in example_inputs:
+    for index, value in enumerate(example_inputs):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             sizes = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (value.dim() - 1)
             context = StatelessSymbolicContext(dynamic_sizes=sizes)
-            fakes.append(mode.from_tensor(value, symbolic_context=context))
+            # a source of its own for each input: without one, torch 2.11 fakes the sizes as
+            # static (concrete) and every pass then sees one token count
+            fakes.append(mode.from_tensor(value, source=ConstantSource(f"fxkiln_input_{index}"),
+                                          symbolic_context=context))
         elif isinstance(value, torch.Tensor):
             fakes.append(mode.from_tensor(value))
         else:

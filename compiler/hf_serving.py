@@ -29,7 +29,9 @@ from compiler.pipeline import compile_traced_model
 from passes import CleanupPass, PassContext
 from passes.attention_match import UnsupportedAttentionError
 from passes.cached_attention import SPECS_KEY, CachedAttentionPass
+from passes.fx_utils import node_val
 from passes.token_positions import TokenPositionsPass
+from passes.token_streams import token_streams
 from passes.view_sizes import ViewSizesPass
 from runtime.generation import DecodeSession
 from runtime.kv_cache import AttentionSpec
@@ -124,6 +126,16 @@ def example_inputs(config: Any, speech: tuple[int, int, int] | None, num_tokens:
     return ids, positions
 
 
+def _check_symbolic_streams(gm: fx.GraphModule) -> None:
+    """Every token stream's count is a symbol after propagation: the passes prove masks and
+    rewrite views for all counts, which a concrete count cannot show."""
+    for name, stream in token_streams(gm).items():
+        if not stream.symbols():
+            raise RuntimeError(f"shape propagation made the {name} token count concrete "
+                               f"({node_val(stream.ids).shape[0]}); expected a symbol (torch "
+                               f"{torch.__version__})")
+
+
 def serving_model(hf: Any) -> tuple[HFServingModel, list[PassRecord]]:
     """Capture and lower `hf`; check the result against `hf`. Returns the records of the
     serving passes too (for the compile report)."""
@@ -133,6 +145,7 @@ def serving_model(hf: Any) -> tuple[HFServingModel, list[PassRecord]]:
                             parameter.device, parameter.dtype)
     refresh = symbolic_propagator(inputs)
     refresh(gm)
+    _check_symbolic_streams(gm)
     context = PassContext(device=parameter.device)
     manager = PassManager([cls(context) for cls in SERVING_PASSES], refresh=refresh)
     try:

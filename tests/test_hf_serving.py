@@ -133,6 +133,24 @@ def test_a_sliding_window_shorter_than_the_positions_served_is_refused() -> None
         compile_model(hf, config=PLAIN)
 
 
+def test_a_concrete_token_count_after_propagation_is_refused(monkeypatch) -> None:
+    """Shape propagation that fakes the token count as a number (torch 2.11 did, for fake
+    inputs without a source) would let the mask proof probe one count against another: the
+    serving passes refuse to run on such a graph."""
+    import compiler.hf_serving as hf_serving
+    from compiler.capture import ShapePropagator
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def static_propagator(inputs):
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return ShapePropagator(mode, tuple(mode.from_tensor(v, static_shapes=True)
+                                           for v in inputs))
+
+    monkeypatch.setattr(hf_serving, "symbolic_propagator", static_propagator)
+    with pytest.raises(RuntimeError, match="decoder token count concrete"):
+        serving_model(build("llama"))
+
+
 def test_models_that_are_no_lm_are_refused_before_capture() -> None:
     base = transformers.LlamaModel(transformers.LlamaConfig(
         vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
