@@ -104,7 +104,8 @@ def bucket_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any,
 
     Models that say how to capture them (`capture_spec`, fxkiln's own) are captured for their
     decode steps; any other model for calls shaped like its example inputs, dim 0 of every
-    tensor input being the token dimension.
+    tensor input being the token dimension. Padding to a bucket is proven safe at capture
+    unless the model declares `rows_independent = True` (fxkiln's own and serving models do).
     """
     describe = getattr(model, "capture_spec", None)
     if callable(describe):
@@ -118,7 +119,8 @@ def bucket_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any,
                        token_input_indices=spec.token_input_indices,
                        warmup_runs=config.capture_warmup_runs, debug=config.debug,
                        capture_failure=config.capture_failure, simulate=config.simulate_capture,
-                       step_context=spec.step_context, static_decode=spec.static_decode)
+                       step_context=spec.step_context, static_decode=spec.static_decode,
+                       check_padding=not getattr(model, "rows_independent", False))
 
 
 def compile_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],

@@ -37,7 +37,7 @@ class CompileReport:
     captured_signatures: tuple[str, ...] = ()  # Dynamo graphs: the signatures with graphs
     capture_seconds: float = 0.0
     graph_memory_bytes: int = 0
-    capture_note: str = ""                   # why nothing is captured (or not yet)
+    capture_note: str = ""  # why nothing is captured (or not yet), or how it is limited
     compile_seconds: float = 0.0
 
     def set_runtime(self, stats: RunnerStats) -> None:
@@ -82,7 +82,8 @@ class CompileReport:
         lines.append(f"  decode steps   one graph each at sizes: {whole}")
         lines += [f"  signature      {label}" for label in self.captured_signatures]
         if self.capture_note:
-            lines.append(f"  not captured   {self.capture_note}")
+            label = "note        " if self.captured_sizes else "not captured"
+            lines.append(f"  {label}   {self.capture_note}")
         return "\n".join(lines)
 
 

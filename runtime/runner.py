@@ -41,6 +41,7 @@ from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
 from runtime.graph_device import CaptureOptions, DeviceProperties, GraphDevice
+from runtime.padding_check import padding_leak
 from runtime.piece_runner import PieceRunner, install_piece_runners
 from runtime.split import DEFAULT_SPLITTING_OPS, split_graph
 from runtime.static_decode import StaticDecodeState
@@ -82,7 +83,8 @@ class BucketRunner:
                  token_input_indices: Sequence[int] = (),
                  options: CaptureOptions = CaptureOptions(),
                  step_context: StepContext | None = None,
-                 static_decode: StaticDecodeState | None = None) -> None:
+                 static_decode: StaticDecodeState | None = None,
+                 check_padding: bool = False) -> None:
         sizes = tuple(capture_sizes)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
             raise ValueError(f"capture_sizes: expected positive ints, found {sizes!r}")
@@ -105,6 +107,8 @@ class BucketRunner:
         self._token_outputs: tuple[bool, ...] | None = None
         self._static_outputs = static_outputs(self.split.split_module, self._inputs.is_token_input)
         self._warned_eager = False
+        self.check_padding = check_padding
+        self.exact_sizes_only = ""  # why calls replay only at a bucket's exact size, if they do
         self.stats = RunnerStats(pieces=len(self.split.pieces), captured_sizes=(),
                                  capture_seconds=0.0, graph_memory_bytes=0,
                                  eager_pieces=self._eager_pieces(),
@@ -120,6 +124,8 @@ class BucketRunner:
         if not self.capture_sizes or self.stats.captured_sizes:
             return self.stats  # nothing to capture, or captured already
         start = time.perf_counter()
+        if self.check_padding:
+            self._check_padding()
         leading_dims: dict[int, list[int | None]] = {}
         sizes = sorted(self.capture_sizes, reverse=True)
         with self.graph_device.capturing() as profiler:
@@ -137,10 +143,27 @@ class BucketRunner:
         self.stats = RunnerStats(
             pieces=len(self.split.pieces), captured_sizes=self.capture_sizes,
             capture_seconds=seconds, graph_memory_bytes=profiler.consumed_bytes,
-            graphs=graphs, eager_pieces=self._eager_pieces(), decode_graph_sizes=whole)
+            graphs=graphs, eager_pieces=self._eager_pieces(), decode_graph_sizes=whole,
+            note=f"captured at exact sizes only: {self.exact_sizes_only}"
+            if self.exact_sizes_only else "")
         logger.info("captured %d graphs for %d sizes in %.2f s, %.2f GiB", graphs,
                     len(self.capture_sizes), seconds, profiler.consumed_bytes / 2**30)
         return self.stats
+
+    def _check_padding(self) -> None:
+        """Padding proven before it is used (`runtime/padding_check.py`); if it changes real
+        rows, calls replay only at a bucket's exact size and run eagerly otherwise."""
+        def run(tokens: int, args: Sequence[Any]) -> Any:
+            with self._step_context(tokens):
+                return self._run_eagerly(*args)
+
+        with torch.no_grad():
+            reason = padding_leak(self._inputs, run, self.capture_sizes)
+        if reason is not None:
+            self.exact_sizes_only = f"padding changes real rows ({reason})"
+            logger.warning("the model's rows interact: %s; graphs replay only for calls of "
+                           "exactly a captured size, other calls run eagerly",
+                           self.exact_sizes_only)
 
     def _capture_bucket(self, bucket: int) -> list[int | None]:
         args = self._inputs.capture_args(bucket)
@@ -178,6 +201,8 @@ class BucketRunner:
             logger.debug("non-token inputs differ in shape from the example inputs; eager step")
             return StepDescriptor(StepMode.EAGER, reason="non-token input shapes differ")
         bucket = self.capture_sizes[index]
+        if self.exact_sizes_only and bucket != num_tokens:
+            return StepDescriptor(StepMode.EAGER, reason=self.exact_sizes_only)
         if self.whole_steps is not None and self.whole_steps.serves(bucket):
             return StepDescriptor(StepMode.FULL, bucket)
         return StepDescriptor(StepMode.PIECEWISE, bucket)
@@ -247,18 +272,22 @@ def make_runner(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                 token_input_indices: Sequence[int], warmup_runs: int = 1, debug: bool = False,
                 capture_failure: str = "raise", simulate: bool = False,
                 step_context: StepContext | None = None,
-                static_decode: StaticDecodeState | None = None) -> BucketRunner:
+                static_decode: StaticDecodeState | None = None,
+                check_padding: bool = False) -> BucketRunner:
     """Build the bucket runner for `device` (see `graph_device_for`) and capture its graphs.
 
     `step_context(num_tokens)`: a context manager entered around each warm-up and capture
     forward (set the per-step attention metadata there); calls need it set by the caller.
     `static_decode`: capture whole decode steps too, reading that state (`runtime/whole_step.py`).
+    `check_padding`: prove at capture that padding leaves real rows alone
+    (`runtime/padding_check.py`), for models that do not declare their rows independent.
     """
     options = CaptureOptions(warmup_runs=warmup_runs, capture_failure=capture_failure,
                              debug=debug)
     runner = BucketRunner(gm, example_inputs, graph_device=graph_device_for(device, simulate),
                           capture_sizes=capture_sizes, splitting_ops=splitting_ops,
                           token_input_indices=token_input_indices, options=options,
-                          step_context=step_context, static_decode=static_decode)
+                          step_context=step_context, static_decode=static_decode,
+                          check_padding=check_padding)
     runner.capture()
     return runner

@@ -34,6 +34,9 @@ class ServingModel(nn.Module):
     is_encoder_decoder: bool = False
     decoder_start_token_id: int | None = None
     config: Any = None
+    # no token reads another's row except through the attention metadata, which pads safely:
+    # the bucket runner skips its padding check (runtime/padding_check.py)
+    rows_independent: bool = True
 
     @property
     def dtype(self) -> torch.dtype:
