@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.decode_report import OUR_VARIANTS, SERVING_VARIANTS
-from benchmarks.kernel_census import session_census
+from benchmarks.kernel_census import CENSUS_STEPS, kernel_census, session_census
 
 CONTEXT = 256
 WARMUP_STEPS, TIMED_STEPS = 5, 20
@@ -161,7 +161,8 @@ def hf_stepper(hf: Any, variant: str, made: dict[str, torch.Tensor], backend: An
     def make_cache() -> Any:
         if variant == "hf-eager":
             return transformers.DynamicCache(config=config)
-        return transformers.StaticCache(config=config, max_cache_len=CONTEXT)
+        # room for the census's steps after the timed ones (kernel_census, _run_hf)
+        return transformers.StaticCache(config=config, max_cache_len=CONTEXT + CENSUS_STEPS)
 
     options = dict(TORCH_COMPILE_ARGS.get(variant, {}))
     if backend is not None:
@@ -285,6 +286,8 @@ def _run_hf(hf: Any, variant: str, made: dict[str, torch.Tensor], device: torch.
     timing = time_steps(step, made["first_tokens"], device, before_step=mark_step)
     row: dict[str, Any] = {"timing": timing, "compile_s": None, "capture_s": None,
                            "graph_memory_bytes": None}
+    if compiled:  # the peers' kernels too, beside fxkiln's (CUDA only)
+        row.update(_hf_census(step, made["first_tokens"], device, mark_step) or {})
     if compiled:
         row["compile_s"] = timing.first_call_s
         row["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -295,6 +298,21 @@ def _run_hf(hf: Any, variant: str, made: dict[str, torch.Tensor], device: torch.
         # the memory pool and workspace the compiled graphs kept
         row["graph_memory_bytes"] = torch.cuda.memory_reserved(device) - reserved_before
     return row
+
+
+def _hf_census(step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+               device: torch.device, before_step: Callable[[], None] | None
+               ) -> dict[str, Any] | None:
+    """The kernel census of CENSUS_STEPS more steps of a Hugging Face variant (its static cache
+    has room for them past the timed steps)."""
+    current = [tokens]
+
+    def census_step() -> None:
+        if before_step is not None:
+            before_step()
+        current[0] = step(current[0]).argmax(-1)
+
+    return kernel_census(census_step, device)
 
 
 def fxkiln_runtime(report: Any) -> dict[str, Any]:
