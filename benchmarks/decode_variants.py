@@ -158,18 +158,19 @@ def hf_stepper(hf: Any, variant: str, made: dict[str, torch.Tensor], backend: An
 
     config = hf.config.get_text_config(decoder=True)
 
-    def make_cache() -> Any:
+    def make_cache(length: int = CONTEXT + CENSUS_STEPS) -> Any:
+        """A decoder cache has room for the census's steps after the timed ones (_run_hf); a
+        cross-attention cache holds the source's CONTEXT positions exactly."""
         if variant == "hf-eager":
             return transformers.DynamicCache(config=config)
-        # room for the census's steps after the timed ones (kernel_census, _run_hf)
-        return transformers.StaticCache(config=config, max_cache_len=CONTEXT + CENSUS_STEPS)
+        return transformers.StaticCache(config=config, max_cache_len=length)
 
     options = dict(TORCH_COMPILE_ARGS.get(variant, {}))
     if backend is not None:
         options["backend"] = backend
     forward = hf if variant == "hf-eager" else torch.compile(hf, **options)
     if hf.config.is_encoder_decoder:
-        cache = transformers.EncoderDecoderCache(make_cache(), make_cache())
+        cache = transformers.EncoderDecoderCache(make_cache(), make_cache(CONTEXT))
         prefilled = hf.model(input_ids=made["source"], decoder_input_ids=made["prompt"],
                              past_key_values=cache, use_cache=True)
         encoder_outputs = BaseModelOutput(last_hidden_state=prefilled.encoder_last_hidden_state)
