@@ -151,6 +151,22 @@ def test_a_concrete_token_count_after_propagation_is_refused(monkeypatch) -> Non
         serving_model(build("llama"))
 
 
+def test_rotary_frequencies_times_positions_are_captured_as_the_product_they_are() -> None:
+    """`inv_freq @ positions` contracts a dim of size 1: captured as a product (torch 2.11's
+    shape propagation of that matmul fixed the token count); attention's matmuls stay."""
+    import operator
+
+    from compiler.hf_capture import capture_hf
+
+    hf = build("llama")
+    gm = capture_hf(hf)
+    products = [n for n in gm.graph.nodes if n.target is operator.mul
+                and any("inv_freq" in str(a) for a in n.args)]
+    matmuls = [n for n in gm.graph.nodes if n.target in (operator.matmul, torch.matmul)]
+    assert len(products) == 1
+    assert len(matmuls) == 2 * hf.config.num_hidden_layers  # q @ k.T and p @ v, per layer
+
+
 def test_models_that_are_no_lm_are_refused_before_capture() -> None:
     base = transformers.LlamaModel(transformers.LlamaConfig(
         vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
