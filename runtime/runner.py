@@ -7,7 +7,8 @@ the pieces (captured pieces replay their graph for that bucket) and slices the t
 of the outputs back to n. More tokens than the largest bucket: the pieces run eagerly on the
 inputs as given, with one warning per runner. So does a call whose non-token, non-parameter tensor
 inputs differ in shape from the example inputs (an encoder-decoder prefill step when the graphs
-were captured for decode steps).
+were captured for decode steps), and so does a step that reads the logits of some rows only
+(`runtime.logits_rows`: a prefill step; the graphs compute every row).
 
 Whole decode steps: given a `StaticDecodeState` (KV caches and layout buffers that stay put), the
 runner also captures, per bucket, the entire forward (attention included) as one graph, with
@@ -49,6 +50,7 @@ from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
 from runtime.forward_context import peek_forward_context
+from runtime.logits_rows import selects_logits_rows
 from runtime.memory import DeviceMemoryProfiler
 from runtime.piece_runner import (CapturedGraph, Mode, PieceRunner, RunState,
                                   install_piece_runners)
@@ -263,6 +265,8 @@ class ModelRunnerBase:
             return self._run(Mode.EAGER, 0, inputs)
         if not self._inputs.shapes_match(inputs):
             logger.debug("non-token inputs differ in shape from the example inputs; eager step")
+            return self._run(Mode.EAGER, 0, inputs)
+        if selects_logits_rows():  # graphs compute every row's logits; this step reads some
             return self._run(Mode.EAGER, 0, inputs)
         bucket = self.capture_sizes[index]
         with torch.no_grad():

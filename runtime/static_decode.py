@@ -71,7 +71,8 @@ class StaticDecodeState:
     def accepts(self, meta: AttentionMetadata, rows: int) -> bool:
         """Whether a step with `meta`, padded to `rows` rows, can replay a captured decode step."""
         if meta.static_decode or not meta.is_decode or meta.num_seqs > rows \
-                or meta.num_actual_encoder_tokens or meta.slot_tables.shape[1] > self.max_len:
+                or meta.num_actual_encoder_tokens or meta.slot_tables.shape[1] > self.max_len \
+                or meta.logits_indices is not None:
             return False
         if not self.encoder:
             return meta.encoder_slot_tables is None
