@@ -21,9 +21,12 @@ settings ("auto": the highest priority the device supports):
 - "native" (`native_attention`): torch SDPA, one call for a decode step's whole batch (over K/V
   gathered from the cache), one call per sequence otherwise. It reads host-side lengths, so it
   cannot serve a captured decode step.
-- "triton" (`triton_attention`): on decode steps, two Triton kernels that read the layout from
-  device tensors only (a cache write and a slot-table decode attention, GQA without copies), so
-  a CUDA graph can hold them (`AttentionMetadata.static_decode`); other steps go to native.
+- "triton" (`triton_attention`): Triton kernels that read the layout from device tensors only,
+  GQA without copies. Decode steps: a cache write and a slot-table decode attention, so a CUDA
+  graph can hold them (`AttentionMetadata.static_decode`). Every other step (a prefill of many
+  prompts, chunks over a cached prefix, chunks mixed with decode tokens): the cache write, then
+  one variable-length attention launch for all the step's sequences
+  (`runtime.kernels.varlen_attention_jit`).
 """
 from __future__ import annotations
 
@@ -36,11 +39,14 @@ from runtime.kernels import native, triton_kernels
 from runtime.kv_cache import AttentionKind, LayerKVCache
 
 try:
-    from runtime.kernels import attention_jit
+    from runtime.kernels import attention_jit, varlen_attention_jit
 except ModuleNotFoundError as missing:  # Triton absent: native attention only
     if missing.name is None or not missing.name.startswith("triton"):
         raise
-    attention_jit = None  # type: ignore[assignment]
+    attention_jit = varlen_attention_jit = None  # type: ignore[assignment]
+
+VARLEN_BLOCK_M = 64  # query rows per program of the variable-length kernel
+VARLEN_BLOCK_N = 64  # key positions per inner step
 
 
 class GraphUnsafeAttentionError(RuntimeError):
@@ -172,7 +178,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 
 def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
-    """Decode steps through the Triton kernels (graph-safe); any other step through native."""
+    """Decode steps through the Triton decode kernels, any other step through the
+    variable-length kernel; both graph-safe."""
     spec = cache.spec
     decode_step = meta.static_decode or (meta.is_decode and meta.num_actual_encoder_tokens == 0
                                          and meta.num_seqs > 0)
@@ -180,7 +187,7 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         output.zero_()  # a decode step brings no encoder tokens: these rows are all padding
         return
     if spec.kind is AttentionKind.ENCODER or not decode_step:
-        native_attention(query, key, value, output, cache, meta)
+        _launch_varlen(query, key, value, output, cache, meta)
         return
     assert cache.key is not None and cache.value is not None
     rows = query.shape[0] if meta.static_decode else meta.num_seqs  # static: every row
@@ -213,6 +220,51 @@ def _launch_write_kv(cache: LayerKVCache, key: torch.Tensor, value: torch.Tensor
     attention_jit.write_kv_kernel[(rows,)](
         cache.key, cache.value, key, value, slots, slots.stride(0), key.stride(0), value.stride(0),
         ROW=row, BLOCK=triton_kernels._next_power_of_2(row))
+
+
+def _launch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
+    """Write the step's K/V to the cache (cached kinds), then attend every sequence's new rows
+    in one launch: causal over the cache (decoder), over the encoder's cached K/V (cross), or
+    over the step's own rows (encoder). Rows past the step's real tokens are zeroed."""
+    spec = cache.spec
+    tables = lengths = None
+    if spec.kind is AttentionKind.ENCODER:
+        rows, starts = meta.num_actual_encoder_tokens, meta.device_encoder_query_start_loc()
+        keys, values = key[:rows], value[:rows]
+    else:
+        assert cache.key is not None and cache.value is not None
+        rows, starts = meta.num_actual_tokens, meta.device_query_start_loc()
+        if spec.kind is AttentionKind.DECODER:
+            _launch_write_kv(cache, key, value, meta.slot_mapping)
+            tables, lengths = meta.slot_tables, meta.device_seq_lens()
+        else:
+            if meta.encoder_slot_mapping is not None:
+                _launch_write_kv(cache, key, value, meta.encoder_slot_mapping)
+            tables, lengths = meta.encoder_slot_tables, meta.device_encoder_seq_lens()
+        keys, values = cache.key, cache.value                 # (slots, kv_heads, head_size)
+    if starts is None or (spec.kind is not AttentionKind.ENCODER and tables is None):
+        raise ValueError(f"{spec.kind.value} attention needs encoder metadata, found none")
+    output[rows:].zero_()  # padding rows
+    if rows == 0:
+        return
+    keys, values = _rows_contiguous(keys), _rows_contiguous(values)
+    queries, out = _rows_contiguous(query[:rows]), output[:rows]
+    if out.stride(-1) != 1:
+        raise ValueError(f"attention output: expected a contiguous last dimension, found "
+                         f"strides {tuple(output.stride())}")
+    tables = None if tables is None else tables if tables.stride(1) == 1 else tables.contiguous()
+    num_seqs = starts.shape[0] - 1
+    varlen_attention_jit.varlen_attention_kernel[(rows // VARLEN_BLOCK_M + num_seqs,
+                                                  spec.num_heads)](
+        out, queries, keys, values, starts if tables is None else tables, starts,
+        starts if lengths is None else lengths, num_seqs, queries.stride(0), out.stride(0),
+        keys.stride(0), values.stride(0), 0 if tables is None else tables.stride(0), spec.scale,
+        GROUP=spec.num_heads // spec.num_kv_heads, HEAD_SIZE=spec.head_size,
+        BLOCK_M=VARLEN_BLOCK_M, BLOCK_N=VARLEN_BLOCK_N,
+        BLOCK_D=max(16, triton_kernels._next_power_of_2(spec.head_size)),
+        CAUSAL=spec.kind is AttentionKind.DECODER, PAGED=tables is not None,
+        IEEE=query.dtype == torch.float32, num_warps=4)
 
 
 def _launch_decode(query: torch.Tensor, output: torch.Tensor, cache: LayerKVCache,
