@@ -21,6 +21,8 @@ from compiler.config import CompileConfig
 from compiler.pass_manager import PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
+from runtime.memory import (MemoryProfile, kv_cache_bytes_per_token, resolve_kv_cache_tokens,
+                            weight_memory_bytes)
 from runtime.runner import ModelRunnerBase, make_runner
 from runtime.split import DEFAULT_SPLITTING_OPS
 from runtime.step_context import CaptureSpec
@@ -93,7 +95,8 @@ def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[An
                     config: CompileConfig, device: torch.device) -> CompiledModel:
     refresh = symbolic_propagator(inputs)
     refresh(gm)
-    report = CompileReport(frontend="symbolic_trace", device=str(device))
+    report = CompileReport(frontend="symbolic_trace", device=str(device),
+                           weight_memory_bytes=weight_memory_bytes(model))
     example_context = getattr(model, "example_context", None)
     run_context = (lambda: example_context(*inputs)) if callable(example_context) else None
     gm = optimize_graph(gm, inputs, config, refresh, report, run_context)
@@ -104,6 +107,11 @@ def _compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[An
     report.pieces, report.captured_sizes = stats.pieces, stats.captured_sizes
     report.decode_graph_sizes = stats.decode_graph_sizes
     report.capture_seconds, report.graph_memory_bytes = stats.capture_seconds, stats.graph_memory_bytes
+    if runner.static_decode is not None:
+        report.kv_cache_tokens = runner.static_decode.num_slots
+        report.kv_cache_bytes = sum(t.numel() * t.element_size()
+                                    for cache in runner.static_decode.kv_caches.values()
+                                    for t in (cache.key, cache.value) if t is not None)
     return CompiledModel(runner, report, config, gm, model)
 
 
@@ -117,7 +125,7 @@ def build_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
     """
     describe = getattr(model, "capture_spec", None)
     if callable(describe):
-        spec = describe(max(config.capture_sizes), config.kv_cache_tokens)
+        spec = describe(max(config.capture_sizes), kv_cache_tokens(model, config, device))
     else:
         token_inputs = tuple(i for i, value in enumerate(inputs)
                              if isinstance(value, torch.Tensor) and value.dim() > 0)
@@ -128,6 +136,17 @@ def build_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
                        warmup_runs=config.capture_warmup_runs, debug=config.debug,
                        capture_failure=config.capture_failure, simulate=config.simulate_capture,
                        step_context=spec.step_context, static_decode=spec.static_decode)
+
+
+def kv_cache_tokens(model: Any, config: CompileConfig, device: torch.device,
+                    profile: MemoryProfile | None = None) -> int:
+    """Slots of the runner's KV cache for `config.kv_cache_tokens` ("auto": see runtime.memory).
+
+    `profile`: a profiling run's measurements; the runner passes one once it profiles after
+    capture (until then "auto" on CUDA takes runtime.memory.UNPROFILED_KV_CACHE_TOKENS)."""
+    bytes_per_token = kv_cache_bytes_per_token(model.attention_specs(), model.dtype)
+    return resolve_kv_cache_tokens(config.kv_cache_tokens, device, profile, bytes_per_token,
+                                   config.gpu_memory_utilization)
 
 
 def _compile_with_dynamo(model: torch.nn.Module, inputs: tuple[Any, ...] | dict[str, Any],

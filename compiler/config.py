@@ -40,7 +40,10 @@ class CompileConfig:
     capture_failure: str = "raise"        # a piece that cannot be captured: "raise" | "eager"
     simulate_capture: bool = False        # replay through the CUDA-graph simulator (any device)
     debug: bool = False                   # check static input addresses at every replay
-    kv_cache_tokens: int = 16384          # slots of the runner's KV cache (decode graphs); 0 = none
+    # slots of the runner's KV cache (whole-step decode graphs); 0 = none; "auto": CUDA sizes it
+    # from a profiling run (runtime.memory), CPU takes a fixed runtime.memory.CPU_KV_CACHE_TOKENS
+    kv_cache_tokens: int | str = "auto"
+    gpu_memory_utilization: float = 0.9   # "auto" KV cache: fraction of device memory to fill
 
     def __post_init__(self) -> None:
         if not isinstance(self.kernels, Mapping):
@@ -88,10 +91,16 @@ class CompileConfig:
         if not isinstance(self.capture_warmup_runs, int) or self.capture_warmup_runs < 0:
             raise ValueError(f"capture_warmup_runs: expected an integer >= 0, "
                              f"found {self.capture_warmup_runs!r}")
-        if isinstance(self.kv_cache_tokens, bool) or not isinstance(self.kv_cache_tokens, int) \
-                or self.kv_cache_tokens < 0:
-            raise ValueError(f"kv_cache_tokens: expected an integer >= 0, "
+        if self.kv_cache_tokens != "auto" and (
+                isinstance(self.kv_cache_tokens, bool) or not isinstance(self.kv_cache_tokens, int)
+                or self.kv_cache_tokens < 0):
+            raise ValueError(f"kv_cache_tokens: expected 'auto' or an integer >= 0, "
                              f"found {self.kv_cache_tokens!r}")
+        fraction = self.gpu_memory_utilization
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+                or not 0 < fraction <= 1:
+            raise ValueError(f"gpu_memory_utilization: expected a fraction in (0, 1], "
+                             f"found {fraction!r}")
         if self.capture_failure not in ("raise", "eager"):
             raise ValueError(f"capture_failure: expected 'raise' or 'eager', "
                              f"found {self.capture_failure!r}")
@@ -111,6 +120,7 @@ class CompileConfig:
             "simulate_capture": self.simulate_capture,
             "debug": self.debug,
             "kv_cache_tokens": self.kv_cache_tokens,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
         }
 
     def hash(self) -> str:
@@ -145,7 +155,8 @@ class CompileConfig:
         (or "default"), FXKILN_CAPTURE_SIZES="1,2,4" (empty: no capture), FXKILN_DEVICE,
         FXKILN_VERIFY=0|1, FXKILN_DUMP_DIR, FXKILN_SPLITTING_OPS="fxkiln::attention,...",
         FXKILN_CAPTURE_WARMUP_RUNS, FXKILN_CAPTURE_FAILURE=raise|eager,
-        FXKILN_SIMULATE_CAPTURE=0|1, FXKILN_DEBUG=0|1. Any other FXKILN_* variable is an error.
+        FXKILN_SIMULATE_CAPTURE=0|1, FXKILN_DEBUG=0|1, FXKILN_KV_CACHE_TOKENS=auto|N,
+        FXKILN_GPU_MEMORY_UTILIZATION=0.9. Any other FXKILN_* variable is an error.
         """
         env = os.environ if environ is None else environ
         parsers = {
@@ -160,7 +171,8 @@ class CompileConfig:
             "CAPTURE_FAILURE": ("capture_failure", str),
             "SIMULATE_CAPTURE": ("simulate_capture", _parse_bool),
             "DEBUG": ("debug", _parse_bool),
-            "KV_CACHE_TOKENS": ("kv_cache_tokens", _parse_count),
+            "KV_CACHE_TOKENS": ("kv_cache_tokens", _parse_count_or_auto),
+            "GPU_MEMORY_UTILIZATION": ("gpu_memory_utilization", _parse_fraction),
         }
         values: dict[str, Any] = {}
         for key, raw in env.items():
@@ -226,6 +238,17 @@ def _parse_count(raw: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"expected an integer, found {raw!r}") from None
+
+
+def _parse_count_or_auto(raw: str) -> int | str:
+    return "auto" if raw.strip() == "auto" else _parse_count(raw)
+
+
+def _parse_fraction(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number, found {raw!r}") from None
 
 
 def _parse_bool(raw: str) -> bool:

@@ -17,8 +17,8 @@ from passes.fx_utils import constant_tensor, is_getitem, is_view_like, tensor_me
 class CompileReport:
     """Per-pass matches and time; FLOPs and weight bytes before and after; runtime figures.
 
-    `pieces`, `captured_sizes`, `capture_seconds` and `graph_memory_bytes` come from the
-    runtime; they stay 0/empty when the model runs without it.
+    `pieces`, `captured_sizes`, `capture_seconds`, `graph_memory_bytes` and the KV cache figures
+    come from the runtime; they stay 0/empty when the model runs without it.
     """
 
     frontend: str = ""
@@ -35,6 +35,9 @@ class CompileReport:
     capture_seconds: float = 0.0
     graph_memory_bytes: int = 0
     compile_seconds: float = 0.0
+    weight_memory_bytes: int = 0               # what the model's weights take on the device
+    kv_cache_tokens: int = 0                   # slots of the runner's KV cache (0: none)
+    kv_cache_bytes: int = 0
 
     def add_passes(self, records: Sequence[PassRecord]) -> None:
         for record in records:
@@ -67,6 +70,9 @@ class CompileReport:
                      f"{self.graph_memory_bytes / 2**20:.1f} MiB graph memory")
         whole = ", ".join(map(str, self.decode_graph_sizes)) or "none"
         lines.append(f"  decode steps   one graph each at sizes: {whole}")
+        lines.append(f"  memory         weights {self.weight_memory_bytes / 2**30:.3f} GiB, "
+                     f"graphs {self.graph_memory_bytes / 2**30:.3f} GiB, KV cache "
+                     f"{self.kv_cache_tokens} tokens {self.kv_cache_bytes / 2**30:.3f} GiB")
         return "\n".join(lines)
 
 
