@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from compiler import CompileConfig, compile_model  # noqa: E402
 from models import from_hf  # noqa: E402
 from models.presets import TINY_OF, hf_model  # noqa: E402
-from runtime import generation, runner as runner_module  # noqa: E402
+from runtime import runner as runner_module, session as session_module  # noqa: E402
 from runtime.generation import DecodeSession  # noqa: E402
 from piecewise_decode import CONTEXT, _sync, prefilled_session  # noqa: E402  (one session setup)
 from runtime.piece_runner import PieceRunner  # noqa: E402
@@ -58,7 +58,7 @@ def _timed(part: str | None, function: Any) -> Any:
 
 
 def instrument() -> None:
-    generation.step_metadata = _timed("metadata", generation.step_metadata)
+    session_module.step_metadata = _timed("metadata", session_module.step_metadata)
     runner_module.StaticInputs.stage = _timed("stage", runner_module.StaticInputs.stage)
     runner_module.ModelRunnerBase._finish = _timed("finish", runner_module.ModelRunnerBase._finish)
     PieceRunner.__call__ = _timed(None, PieceRunner.__call__)
@@ -101,7 +101,7 @@ def profile(compiled: Any, model: Any, batch: int, device: torch.device, out: Pa
 def kernel_ms(session: DecodeSession, tokens: torch.Tensor, device: torch.device) -> float:
     """Device kernel time of one decode step (sum of kernel durations, mean of a few steps)."""
     steps = 5
-    session.context_len = CONTEXT - steps - 1  # reuse the session's room
+    session.context_lens = [CONTEXT - steps - 1] * session.batch  # reuse the session's room
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
