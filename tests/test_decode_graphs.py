@@ -73,6 +73,30 @@ def test_sequences_finishing_early_shrink_the_replayed_step(llama, replays: list
     assert len(replays) > before
 
 
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_ragged_prompts_replay_whole_decode_steps(llama, bart, replays: list,
+                                                  chunk: int | None) -> None:
+    """Prompts of different lengths (prefilled by the varlen kernel, in chunks or not): every
+    pure decode step replays one graph over the runner's caches, and the tokens are eager's."""
+    model, compiled = llama
+    prompts = [random_ids((n,), model.config.vocab_size, seed=n) for n in (2, 7, 4)]
+    expected = generate(model, prompts, 5, ignore_eos=True)
+    before = len(replays)
+    tokens = generate(compiled, prompts, 5, ignore_eos=True, prefill_chunk_tokens=chunk)
+    assert torch.equal(tokens, expected)
+    # chunks of 4, shortest prompt first: steps of (2+2), (1 | 2+2), (2 | 4), (2 | 1), each
+    # "a | b" being decode tokens | prompt chunks; the last one is decode-shaped (every sequence
+    # brings one token) and replays, then 4 decode steps finish the longest-waiting sequence
+    assert len(replays) - before == (4 if chunk is None else 5)
+    bart_model, bart_compiled = bart
+    sources = [random_ids((n,), bart_model.config.vocab_size, seed=n) for n in (3, 8)]
+    expected = generate(bart_model, None, 4, encoder_input_ids=sources, ignore_eos=True)
+    before = len(replays)
+    assert torch.equal(generate(bart_compiled, None, 4, encoder_input_ids=sources,
+                                ignore_eos=True), expected)
+    assert len(replays) - before == 3
+
+
 @settings(max_examples=8)
 @given(batches=st.lists(st.integers(1, 8), min_size=2, max_size=4), seed=st.integers(0, 99))
 def test_interleaved_sessions_of_any_size(llama, batches: list[int], seed: int) -> None:
