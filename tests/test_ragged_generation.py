@@ -245,3 +245,24 @@ def test_bad_requests_are_refused_before_any_step(llama: tuple, bart: tuple) -> 
         generate(bart_recording, [torch.tensor([2]), torch.tensor([2])], 2,
                  encoder_input_ids=[torch.tensor([5, 6])])
     assert recording.calls == [] and bart_recording.calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_ragged_batches_on_cuda_graphs_give_hf_alone_tokens(kind: str) -> None:
+    """Float32 on CUDA: the Triton varlen prefill, whole-step decode graphs and EOS compaction;
+    chunked or not, every sequence gets Hugging Face's tokens for it alone."""
+    hf = build_hf(kind, seed=33).cuda()
+    model = from_hf(hf)
+    compiled = compile_model(model, config=CompileConfig(device="cuda",
+                                                         capture_sizes=(1, 2, 4, 8)))
+    assert compiled.report.kernels["attention"] == "triton"
+    prompts = [p.cuda() for p in ragged((5, 1, 40, 3, 17), hf.config.vocab_size, seed=90)]
+    free = ours(model, kind, prompts, ignore_eos=True)
+    eos = staggered_eos(free.cpu())
+    expected = alone(hf, kind, prompts, eos).cpu()
+    for chunk in (None, 8):
+        for runner in (model, compiled):
+            tokens = ours(runner, kind, prompts, eos_token_id=eos, pad_token_id=0,
+                          prefill_chunk_tokens=chunk)
+            assert torch.equal(tokens.cpu(), expected), (runner, chunk)
