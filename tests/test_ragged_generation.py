@@ -68,7 +68,7 @@ def alone(hf: Any, kind: str, prompts: list[torch.Tensor], eos: list[int] | None
     rows = []
     for ids in prompts:
         if kind == "bart":
-            rows.append(hf_generate_eos(hf, decoder_prompt(hf, 1), STEPS, eos, 0,
+            rows.append(hf_generate_eos(hf, decoder_prompt(hf, 1).to(ids.device), STEPS, eos, 0,
                                         encoder_ids=ids[None])[0])
         else:
             rows.append(hf_generate_eos(hf, ids[None], STEPS, eos, 0)[0])
