@@ -162,7 +162,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     if num_new == 0:
         return
     mask = None
-    if causal and num_new > 1:
+    whole = causal and num_new == num_context  # a plain prefill: SDPA's own (fast) causal mask
+    if causal and num_new > 1 and not whole:   # a chunk over a cached prefix
         key_pos = torch.arange(num_context, device=q.device)
         query_pos = torch.arange(num_new, device=q.device) + (num_context - num_new)
         mask = key_pos[None, :] <= query_pos[:, None]  # (new, context)
@@ -170,9 +171,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     if group > 1:
         k = k.repeat_interleave(group, dim=1)  # (context, heads, hd)
         v = v.repeat_interleave(group, dim=1)
-    result = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-    )  # (heads, new, hd)
+    result = F.scaled_dot_product_attention(  # 4-D: 3-D inputs miss the fused CPU kernels
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, scale=scale, is_causal=whole and num_new > 1,
+    )[0]  # (heads, new, hd)
     out.copy_(result.transpose(0, 1).reshape(num_new, -1))
 
 

@@ -221,7 +221,8 @@ class DecodeSession:
         metadata.update(
             encoder_query_start_loc=(0, *itertools.accumulate(counts)),
             encoder_seq_lens=tuple(layout.lengths[r] for r in rows), encoder_slot_mapping=slots,
-            encoder_slot_tables=layout.tables if device_rows is None else layout.tables[device_rows])
+            encoder_slot_tables=(layout.tables if device_rows is None
+                                 else layout.tables[device_rows]))
         ids = ([encoder_input_ids[r].reshape(-1) for r in starting] or
                [torch.empty(0, dtype=torch.long, device=self.device)])
         return torch.cat(ids), positions

@@ -117,7 +117,8 @@ def test_varlen_matches_native_on_cuda(dtype: torch.dtype, kind: AttentionKind) 
         slot_tables=tables.cuda(),
         encoder_query_start_loc=tuple(itertools.accumulate(encoder_counts, initial=0)),
         encoder_seq_lens=tuple(encoder_lens),
-        encoder_slot_mapping=torch.cat([tables[i, :n] for i, n in enumerate(encoder_counts)]).cuda(),
+        encoder_slot_mapping=torch.cat([tables[i, :n]
+                                        for i, n in enumerate(encoder_counts)]).cuda(),
         encoder_slot_tables=tables.cuda())
     if kind is AttentionKind.ENCODER:
         rows = key_rows = meta.num_actual_encoder_tokens

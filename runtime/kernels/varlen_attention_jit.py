@@ -46,8 +46,8 @@ def varlen_attention_kernel(out_ptr, query_ptr, key_ptr, value_ptr, tables_ptr,
 
     PAGED: key position p of sequence s is cache row tables[s, p] and its context is
     seq_lens[s]; else key position p is step row query_start_loc[s] + p and the context is the
-    sequence's query rows (seq_lens is not read). Query head h reads KV head h // GROUP. IEEE: full-precision
-    float32 dots (no TF32), so float32 results match the reference.
+    sequence's query rows (seq_lens is not read). Query head h reads KV head h // GROUP.
+    IEEE: full-precision float32 dots (no TF32), so float32 results match the reference.
     """
     block = tl.program_id(0)
     head = tl.program_id(1)
