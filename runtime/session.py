@@ -92,7 +92,8 @@ class DecodeSession:
         self.slot_tables = self.layout.tables                              # (batch, max_len)
         self.encoder_slot_tables = None if encoder is None else encoder.tables
         self._all_rows = list(range(batch))
-        self._rows_tensor: tuple[tuple[int, ...], torch.Tensor] = ((), self.slot_tables[:0, 0])
+        self._rows_tensor: tuple[tuple[int, ...], torch.Tensor] = (
+            (), torch.empty(0, dtype=torch.long, device=self.device))
 
     def prefill(self, input_ids: torch.Tensor, encoder_input_ids: torch.Tensor | None = None
                 ) -> torch.Tensor:
