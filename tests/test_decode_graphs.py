@@ -73,6 +73,7 @@ def test_sequences_finishing_early_shrink_the_replayed_step(llama, replays: list
     assert len(replays) > before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_ragged_prompts_replay_whole_decode_steps(llama, bart, replays: list,
                                                   chunk: int | None) -> None:

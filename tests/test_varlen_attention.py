@@ -66,6 +66,7 @@ def run_both(spec: AttentionSpec, meta: AttentionMetadata, rows: int, key_rows: 
     return results
 
 
+@pytest.mark.slow
 @given(heads=st.sampled_from([(4, 4), (4, 2), (6, 1), (2, 2)]),
        head_size=st.sampled_from([8, 16, 24]),
        sequences=st.lists(st.tuples(st.integers(0, 50), st.integers(1, 70)), min_size=1,
