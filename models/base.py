@@ -10,10 +10,10 @@ from torch import nn
 from models.errors import UnsupportedConfigError
 from models.layers.attention import collect_attention_specs
 from runtime.forward_context import set_forward_context
-from runtime.generation import uniform_batch_metadata
 from runtime.kv_cache import AttentionSpec, allocate_kv_caches
 from runtime.static_decode import StaticDecodeState
 from runtime.step_context import CaptureSpec, decode_step_context
+from runtime.step_metadata import uniform_batch_metadata
 
 
 class ProjectModel(nn.Module):

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from runtime.forward_context import set_forward_context
-from runtime.generation import find_generation_model, uniform_batch_metadata
 from runtime.kv_cache import allocate_kv_caches
+from runtime.session import find_generation_model
 from runtime.static_decode import StaticDecodeState
+from runtime.step_metadata import uniform_batch_metadata
 
 CONTEXT_LEN = 2  # positions per capture sequence: the new token and one before it
 
