@@ -14,13 +14,12 @@ are, so a compiled model replays a smaller bucket.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from runtime.prompts import PromptsInput, prepare_request, stop_tokens
 from runtime.sampling import SamplingParams, TokenChooser
-from runtime.scheduler import PrefillPlanner
+from runtime.scheduler import Chunk, PrefillPlanner
 from runtime.session import DecodeSession, GenerationModel, find_generation_model
 from runtime.step_metadata import step_metadata, uniform_batch_metadata
 
@@ -110,7 +109,7 @@ class _GenerationLoop:
             emitted = self.decoding + [c.row for c in chunks if c.completes]
             self._emit(emitted, rows, logits)
 
-    def _mixed_step(self, chunks: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed_step(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """A step with prompt chunks (after the decoding sequences' newest tokens); returns the
         rows that emit a token, as a device tensor, and their logits."""
         rows = self.decoding + [c.row for c in chunks]
