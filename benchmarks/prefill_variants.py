@@ -3,7 +3,8 @@
 Run inside one child process per (model, variant, workload) by `prefill.py`; each batch
 becomes one row (a dict). Every variant sees the same model (`models.presets.hf_model`, seed
 0) and the same prompts (drawn from a seeded CPU generator); greedy, EOS off, so every
-sequence generates `new_tokens` tokens.
+sequence generates `new_tokens` tokens (an EOS id is just a token; Hugging Face runs with
+`eos_token_id=None`, not `min_new_tokens`, which would mask EOS out and change the tokens).
 
   time to first token: one `generate(..., max_new_tokens=1)` call (prefill + the first token,
       setup included, as a user waits for it), median of RUNS after a warm-up call;
@@ -98,9 +99,10 @@ def hf_generator(hf: Any, variant: str, device: torch.device
 
     def run(prompts: list[torch.Tensor], new_tokens: int) -> torch.Tensor:
         ids, mask = left_padded(prompts, pad=0)
+        # EOS off through eos_token_id=None (min_new_tokens would mask EOS out of the argmax)
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                          pad_token_id=0, **options)
+                          eos_token_id=None, do_sample=False, num_beams=1, pad_token_id=0,
+                          **options)
         return out[:, ids.shape[1]:]
     return run
 
