@@ -110,7 +110,7 @@ def projection_rows(model: nn.Module, batch: int, device: torch.device, dtype: t
         runs = {}
         for label, passes in (("off", PASS_OFF), ("on", PASS_ON)):
             config = CompileConfig(device=device.type, passes=passes, capture_sizes=())
-            compiled = compile_model(CrossProjection(qkv_proj, keep), (x,), config)
+            compiled = compile_model(CrossProjection(qkv_proj, keep).eval(), (x,), config)
             runs[f"cross_{keep}_{label}_ms"] = lambda compiled=compiled: compiled(x)
         with torch.no_grad():
             row.update(median_ms(runs, device, 3, settings["projection_repeats"]))

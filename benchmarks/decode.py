@@ -8,7 +8,8 @@ tiny presets in float32 on CPU. Variants (see `decode_variants.py`):
   hf-eager                    the HF model's forward, default DynamicCache
   hf-compile                  torch.compile(hf_model), StaticCache, fixed shapes
   hf-compile-reduce-overhead  the same with mode="reduce-overhead" (CUDA graphs)
-  hf-fxkiln                   torch.compile(hf_model, backend="fxkiln"), StaticCache
+  hf-fxkiln                   torch.compile(hf_model, backend=fxkiln with graphs for the
+                              batch), StaticCache: each decode step one replayed graph on CUDA
   ours-eager                  fxkiln's own model (models.from_hf), eager
   fxkiln-passes               compile_model(ours), passes only
   fxkiln-graphs               compile_model(ours), passes + piecewise CUDA graphs

@@ -19,13 +19,19 @@ from typing import Any
 
 HF_VARIANTS = ("hf-eager", "hf-compile", "hf-compile-reduce-overhead", "hf-fxkiln")
 OUR_VARIANTS = ("ours-eager", "fxkiln-passes", "fxkiln-graphs")
-VARIANTS = HF_VARIANTS + OUR_VARIANTS  # also the order of the table's rows
+# compile_model(hf_model): the graph-built serving model, beside its hand-written counterpart
+HAND_WRITTEN = {"hf-serving-passes": "fxkiln-passes", "hf-serving-graphs": "fxkiln-graphs"}
+SERVING_VARIANTS = tuple(HAND_WRITTEN)
+VARIANTS = HF_VARIANTS + OUR_VARIANTS + SERVING_VARIANTS  # also the order of the table's rows
 REFERENCE_VARIANT = "hf-eager"
 PEERS = ("hf-eager", "hf-compile", "hf-compile-reduce-overhead", "ours-eager")
+PARITY_WITHIN = 0.10  # graph-built steps within 10% of the hand-written model's (issue 12)
 TABLE_PEERS = ("hf-eager", "hf-compile", "hf-compile-reduce-overhead")
-TARGETS = (  # (model, batch, variant, peer, at least this many times faster), from issue 7
+TARGETS = (  # (model, batch, variant, peer, at least this many times faster), issues 7 and 11
     ("bart-large", 1, "fxkiln-graphs", "hf-eager", 8.0),
     ("bart-large", 1, "fxkiln-graphs", "hf-compile", 4.0),
+    ("bart-large", 1, "hf-fxkiln", "hf-compile-reduce-overhead", 1.2),
+    ("llama-1b", 1, "hf-fxkiln", "hf-compile-reduce-overhead", 1.2),
 )
 FINGERPRINT_KEYS = ("first_step_argmax", "first_step_logits")
 NOTES = {  # what the figures of a row mean, written into every result
@@ -36,6 +42,9 @@ NOTES = {  # what the figures of a row mean, written into every result
                  "step's time, the call that records the CUDA graphs",
     "graph_memory_bytes": "fxkiln-graphs: CompileReport.graph_memory_bytes; reduce-overhead: "
                           "CUDA reserved-memory growth over compile and warm-up, after prefill",
+    "vs_hand_written": "hf-serving rows: the hand-written model's step ms (fxkiln-passes or "
+                       "fxkiln-graphs, same model and batch) / this row's; parity is met at "
+                       ">= 1 / (1 + PARITY_WITHIN)",
     "weight_bytes": "weights one decode step reads (decoder + LM head; not the encoder nor "
                     "BART's cross-attention K/V projections); weight_read_bound_ms = "
                     "weight_bytes / copy bandwidth (read + write bytes of a device copy)",
@@ -98,12 +107,16 @@ def finalize(result: dict[str, Any]) -> dict[str, Any]:
         row["speedup_over"] = {peer: step_ms[(model, peer, batch)] / row["step_ms"]
                                for peer in PEERS
                                if peer != row["variant"] and (model, peer, batch) in step_ms}
+        hand = (model, HAND_WRITTEN.get(row["variant"], ""), batch)
+        if hand in step_ms:
+            row["vs_hand_written"] = step_ms[hand] / row["step_ms"]
         ref = reference.get(f"{model}|{batch}")
         if ref is not None and "first_step_argmax" in row:  # else kept for a later merge
             row.update(agreement(ref, row["first_step_argmax"], row["first_step_logits"]))
             for key in FINGERPRINT_KEYS:
                 row.pop(key)
     result["targets"] = targets(rows)
+    result["parity"] = parity(rows)
     result["notes"] = NOTES
     return result
 
@@ -130,6 +143,19 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         checked[f"{model} batch {batch}: {variant} over {peer}"] = {
             "at_least": at_least, "measured": measured,
             "met": None if measured is None else measured >= at_least}
+    return checked
+
+
+def parity(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per graph-built row with its hand-written counterpart in the same run: how the two steps
+    compare (hand-written ms / graph-built ms) and whether it is within PARITY_WITHIN."""
+    checked = {}
+    for row in rows:
+        if row.get("status") == "ok" and "vs_hand_written" in row:
+            measured = row["vs_hand_written"]
+            checked[f"{row['model']} batch {row['batch']}: {row['variant']} vs "
+                    f"{HAND_WRITTEN[row['variant']]}"] = {
+                "measured": measured, "met": measured >= 1 / (1 + PARITY_WITHIN)}
     return checked
 
 
@@ -166,7 +192,12 @@ def table(result: dict[str, Any]) -> str:
                               else row["graph_memory_bytes"] / 2**20, "{:.0f}"),
                       _number(row.get("argmax_agreement"), "{:.0%}")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ([""] + failures if failures else []))
+    checks = [f"- {name}: {entry['measured']:.2f}x ("
+              f"{'met' if entry['met'] else 'missed'}: at most {PARITY_WITHIN:.0%} slower)"
+              for name, entry in result.get("parity", {}).items()]
+    return "\n".join(lines + ([""] + failures if failures else []) +
+                     (["", "Graph-built against hand-written (their step ms / ours):", *checks]
+                      if checks else []))
 
 
 def _times(ratio: float | None) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.decode_report import OUR_VARIANTS
+from benchmarks.decode_report import OUR_VARIANTS, SERVING_VARIANTS
 
 CONTEXT = 256
 WARMUP_STEPS, TIMED_STEPS = 5, 20
@@ -39,11 +39,13 @@ CACHE_OF = {
     "ours-eager": "fxkiln slot KV cache (runtime.kv_cache) through DecodeSession",
     "fxkiln-passes": "fxkiln slot KV cache (runtime.kv_cache) through DecodeSession",
     "fxkiln-graphs": "fxkiln slot KV cache (runtime.kv_cache) through DecodeSession",
+    "hf-serving-passes": "fxkiln slot KV cache, graph-built from the HF model (compile_model(hf))",
+    "hf-serving-graphs": "fxkiln slot KV cache, graph-built from the HF model (compile_model(hf))",
 }
 TORCH_COMPILE_ARGS = {  # variant -> torch.compile keyword arguments (dynamic=False: fixed shapes)
     "hf-compile": dict(dynamic=False),
     "hf-compile-reduce-overhead": dict(mode="reduce-overhead", dynamic=False),
-    "hf-fxkiln": dict(backend="fxkiln", dynamic=False),
+    "hf-fxkiln": dict(dynamic=False),  # backend: fxkiln_backend(batch), graphs for the batch
 }
 
 
@@ -138,9 +140,18 @@ def kv_read_bytes(hf: Any, batch: int) -> int:
     return layers * batch * CONTEXT * per_token * next(hf.parameters()).element_size()
 
 
-def hf_stepper(hf: Any, variant: str, made: dict[str, torch.Tensor]
+def fxkiln_backend(batch: int) -> Any:
+    """The fxkiln backend with device graphs (CUDA; none on CPU) for steps of `batch`
+    sequences: Dynamo graphs are captured per signature up to the largest capture size."""
+    import compiler
+
+    return compiler.backend(compiler.CompileConfig(capture_sizes=(batch,)))
+
+
+def hf_stepper(hf: Any, variant: str, made: dict[str, torch.Tensor], backend: Any = None
                ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Prefill `hf` (uncompiled) and return its decode step for `variant`."""
+    """Prefill `hf` (uncompiled) and return its decode step for `variant` (`backend`: the
+    torch.compile backend of hf-fxkiln)."""
     import transformers
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -151,7 +162,10 @@ def hf_stepper(hf: Any, variant: str, made: dict[str, torch.Tensor]
             return transformers.DynamicCache(config=config)
         return transformers.StaticCache(config=config, max_cache_len=CONTEXT)
 
-    forward = hf if variant == "hf-eager" else torch.compile(hf, **TORCH_COMPILE_ARGS[variant])
+    options = dict(TORCH_COMPILE_ARGS.get(variant, {}))
+    if backend is not None:
+        options["backend"] = backend
+    forward = hf if variant == "hf-eager" else torch.compile(hf, **options)
     if hf.config.is_encoder_decoder:
         cache = transformers.EncoderDecoderCache(make_cache(), make_cache())
         prefilled = hf.model(input_ids=made["source"], decoder_input_ids=made["prompt"],
@@ -205,6 +219,8 @@ def run_variant(model_name: str, variant: str, batches: list[int], device: torch
     if variant in OUR_VARIANTS:
         ours = _compile_ours(from_hf(hf), variant, batches)
         del hf  # ours holds its own copy of the weights
+    elif variant in SERVING_VARIANTS:
+        ours = _compile_ours(hf, variant, batches)  # the graph reads the HF model's weights
     for batch in batches:
         made = inputs(vocab, batch, device)
         row = {**base, "batch": batch, "weight_bytes": weights, "kv_read_bytes": kv_bytes[batch]}
@@ -231,17 +247,17 @@ def _compile_ours(model: Any, variant: str, batches: list[int]) -> dict[str, Any
     if variant == "ours-eager":
         return {"model": model, "step_model": model,
                 "figures": {"compile_s": None, "capture_s": None, "graph_memory_bytes": None}}
-    sizes = tuple(sorted({1, 2, 4, 8, 16, 32, *batches})) if variant == "fxkiln-graphs" else ()
+    sizes = tuple(sorted({1, 2, 4, 8, 16, 32, *batches})) if variant.endswith("-graphs") else ()
     # the runner's KV caches hold the largest batch at the full context: whole-step graphs
     config = CompileConfig(capture_sizes=sizes, kv_cache_tokens=max(batches) * (CONTEXT + 1))
-    compiled = compile_model(model, config=config)
+    compiled = compile_model(model, config=config)  # an HF model: its serving graph
     report = compiled.report
     captured = bool(report.captured_sizes)  # none on CPU: the pieces run eagerly there
     figures = {"compile_s": report.compile_seconds, "capture_sizes": list(report.captured_sizes),
                "decode_graph_sizes": list(report.decode_graph_sizes),
                "capture_s": report.capture_seconds if captured else None,
                "graph_memory_bytes": report.graph_memory_bytes if captured else None}
-    return {"model": model, "step_model": compiled, "figures": figures}
+    return {"model": compiled.model, "step_model": compiled, "figures": figures}
 
 
 def _run_hf(hf: Any, variant: str, made: dict[str, torch.Tensor], device: torch.device
@@ -253,7 +269,8 @@ def _run_hf(hf: Any, variant: str, made: dict[str, torch.Tensor], device: torch.
 
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-    step = hf_stepper(hf, variant, made)  # prefilled: the cache is allocated by now
+    backend = fxkiln_backend(made["first_tokens"].shape[0]) if variant == "hf-fxkiln" else None
+    step = hf_stepper(hf, variant, made, backend)  # prefilled: the cache is allocated by now
     reserved_before = 0
     if device.type == "cuda":  # hand back what the last batch's graphs left in the allocator
         gc.collect()
@@ -268,8 +285,19 @@ def _run_hf(hf: Any, variant: str, made: dict[str, torch.Tensor], device: torch.
     if compiled:
         row["compile_s"] = timing.first_call_s
         row["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    if backend is not None:
+        row.update(fxkiln_runtime(backend.reports[-1]))
     if variant == "hf-compile-reduce-overhead" and device.type == "cuda":  # CPU: no graphs
         row["capture_s"] = timing.second_call_s  # cudagraph trees record on the second call
         # the memory pool and workspace the compiled graphs kept
         row["graph_memory_bytes"] = torch.cuda.memory_reserved(device) - reserved_before
     return row
+
+
+def fxkiln_runtime(report: Any) -> dict[str, Any]:
+    """What the backend's runner did with the decode step's graph (its report)."""
+    captured = bool(report.captured_sizes)
+    return {"capture_s": report.capture_seconds if captured else None,
+            "graph_memory_bytes": report.graph_memory_bytes if captured else None,
+            "fxkiln_pieces": report.pieces, "fxkiln_captured_sizes": list(report.captured_sizes),
+            "fxkiln_capture_note": report.capture_note}

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from passes.kernel_choice import MATCHED_TARGETS  # noqa: E402
 from runtime.registry import choose_kernel  # noqa: E402
-from tests.kernels.helpers import LlamaShaped, choose_kernels, count_targets, trace  # noqa: E402
+from tests.fx_helpers import trace  # noqa: E402
+from tests.kernels.helpers import LlamaShaped, choose_kernels, count_targets  # noqa: E402
 
 CHAIN = 32
 LLAMA_3_2_1B_LAYERS = 16
@@ -107,8 +108,8 @@ def measure_ops(device: torch.device, dtype: torch.dtype, hidden: int,
                 repeats: int, number: int) -> dict[str, Any]:
     x = torch.randn(1, hidden, device=device, dtype=dtype)  # one decode token
     weight = torch.ones(hidden, device=device, dtype=dtype)
-    eager = trace(Chain(weight), x)
-    compiled = trace(Chain(weight), x)
+    eager = trace(Chain(weight), (x,))
+    compiled = trace(Chain(weight), (x,))
     choose_kernels(compiled, {}, device.type)
     (node,) = {n.target: n for n in compiled.graph.nodes if n.op == "call_function"}.values()
     constants = node.args[3:]
@@ -168,9 +169,9 @@ def measure_llama(device: torch.device, dtype: torch.dtype, repeats: int,
                         head_size=16, intermediate=128).to(device, dtype)
     inputs = tuple(t.to(device) for t in model.example_inputs(1))  # one decode token
     with torch.inference_mode():
-        eager = trace(model, *inputs)
+        eager = trace(model, inputs)
         counts = _dispatch_op_counts(eager)
-        compiled = trace(model, *inputs)
+        compiled = trace(model, inputs)
         choose_kernels(compiled, {}, device.type)
         forward_ns = per_call_ns({"eager": (lambda: eager(*inputs), 1),
                                   "compiled": (lambda: compiled(*inputs), 1)},

@@ -60,7 +60,7 @@ def _timed(part: str | None, function: Any) -> Any:
 def instrument() -> None:
     session_module.step_metadata = _timed("metadata", session_module.step_metadata)
     runner_module.StaticInputs.stage = _timed("stage", runner_module.StaticInputs.stage)
-    runner_module.ModelRunnerBase._finish = _timed("finish", runner_module.ModelRunnerBase._finish)
+    runner_module.BucketRunner._finish = _timed("finish", runner_module.BucketRunner._finish)
     PieceRunner.__call__ = _timed(None, PieceRunner.__call__)
 
 

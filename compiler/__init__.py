@@ -6,8 +6,10 @@ from contextlib import contextmanager
 
 from compiler.backend import Backend, backend, fxkiln_backend
 from compiler.capture import GraphBreakError
-from compiler.compile import CompiledModel, compile_model
+from compiler.compile import compile_model
+from compiler.compiled_model import CompiledModel
 from compiler.config import CompileConfig
+from compiler.inputs import CompileInputError
 from compiler.pass_manager import PassError, PassManager, PassVerificationError
 from compiler.report import CompileReport
 from runtime.settings import kernel_settings
@@ -34,7 +36,7 @@ def _register_dynamo_backend() -> None:
 _register_dynamo_backend()
 
 __all__ = [
-    "Backend", "CompileConfig", "CompileReport", "CompiledModel", "GraphBreakError", "PassError",
-    "PassManager", "PassVerificationError", "backend", "compile_model", "fxkiln_backend",
-    "use_config",
+    "Backend", "CompileConfig", "CompileInputError", "CompileReport", "CompiledModel",
+    "GraphBreakError", "PassError", "PassManager", "PassVerificationError", "backend",
+    "compile_model", "fxkiln_backend", "use_config",
 ]

@@ -9,7 +9,9 @@ torch's sympy-backed ShapeEnv, so one graph serves every token count.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from passes.writes import IN_PLACE_OPERATORS
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,18 +30,111 @@ class GraphBreakError(RuntimeError):
     """Dynamo could not capture the model as one graph."""
 
 
+class TraceWriteError(RuntimeError):
+    """Tracing ran a write into the model's state instead of recording it in the graph."""
+
+
+class _InPlaceProxy(fx.Proxy):
+    """fx's Proxy, except that `x += y` is recorded as the in-place operator it is on tensors.
+
+    fx.Proxy has no `__iadd__`, so Python falls back to `x = x + y` and a write through an
+    alias (`view = self.state[:n]; view += x`) is lost.
+    """
+
+
+def _augmented(operation: Any) -> Any:
+    def record(self: _InPlaceProxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operation, (self, other), {})
+
+    return record
+
+
+for _operation in IN_PLACE_OPERATORS:
+    if callable(_operation):
+        setattr(_InPlaceProxy, f"__{_operation.__name__}__", _augmented(_operation))
+
+
+def _setitem(self: _InPlaceProxy, key: Any, value: Any) -> None:
+    self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+_InPlaceProxy.__setitem__ = _setitem  # type: ignore[method-assign]  # fx.Proxy has none
+
+
 class _ThroughModulesTracer(fx.Tracer):
-    """Traces into every submodule, so layers appear as the functional calls they make."""
+    """Traces into every submodule, so layers appear as the functional calls they make.
+
+    Buffers are proxies too (fx's default reads them as constants), so that a write into a
+    buffer (`self.steps.add_(1)`) becomes a graph op that runs at every call instead of once,
+    at trace time.
+    """
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return False
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with _attribute_writes_guarded():
+            return super().trace(root, concrete_args)
+
+
+@contextmanager
+def _attribute_writes_guarded() -> Iterator[None]:
+    """While tracing, a traced value assigned to a module attribute never reaches the module.
+
+    `self.steps += 1` assigns the result of the in-place add (already a graph op) back to the
+    buffer: that assignment is dropped, as in eager it rebinds the same tensor. Any other
+    (`self.cache = x * 2`) cannot be recorded in a graph: TraceWriteError, before the model
+    holds a Proxy.
+    """
+    original = torch.nn.Module.__setattr__
+
+    def guarded(module: torch.nn.Module, name: str, value: Any) -> None:
+        if not isinstance(value, fx.Proxy):
+            original(module, name, value)
+            return
+        current = getattr(module, name, None)
+        node = value.node
+        if isinstance(current, fx.Proxy) and node.target in IN_PLACE_OPERATORS \
+                and node.args and node.args[0] is current.node:
+            return
+        raise TraceWriteError(f"{type(module).__name__}.{name} = {node.format_node()}: a module "
+                              f"attribute rebound to a traced value cannot be recorded in a graph")
+
+    torch.nn.Module.__setattr__ = guarded  # type: ignore[method-assign]  # restored below
+    try:
+        yield
+    finally:
+        torch.nn.Module.__setattr__ = original  # type: ignore[method-assign]
+
 
 def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
-    """symbolic_trace through all submodules; raises whatever tracing raises."""
+    """symbolic_trace through all submodules; raises whatever tracing raises.
+
+    A trace that wrote into a parameter or buffer (a write fx could not record, through a
+    tensor it does not see as the model's) raises TraceWriteError naming it.
+    """
+    versions = _versions(model)
     graph = _ThroughModulesTracer().trace(model)
+    written = [name for name, version in _versions(model).items() if versions.get(name) != version]
+    if written:
+        raise TraceWriteError(f"tracing {type(model).__name__} wrote into {written} instead of "
+                              f"recording the write in the graph")
     name = type(model).__name__
     return fx.GraphModule(model, graph, name)
+
+
+def _versions(model: torch.nn.Module) -> dict[str, int]:
+    """The version counter of every parameter and buffer that has one (inference tensors don't)."""
+    versions: dict[str, int] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_inference():
+            versions[name] = tensor._version
+    return versions
 
 
 @dataclass

@@ -15,6 +15,9 @@ from passes import DEFAULT_PIPELINE, PASSES
 from runtime.registry import kernel_implementations, kernel_ops
 
 
+NOISY_SPREAD = 0.5  # a run 50% slower than the best of its side
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compiler",
                                      description="fxkiln: an inference compiler for PyTorch models")
@@ -56,19 +59,35 @@ def _demo(args: argparse.Namespace) -> int:
         run = run_demo(name, config, dtype, args.batch, args.prompt_len, args.new_tokens)
         print(f"== {name}: {run.description}")
         print(run.compiled.report)
-        eager_rate = run.tokens_per_second(run.eager_seconds)
-        compiled_rate = run.tokens_per_second(run.compiled_seconds)
+        timing = run.timing
+        eager_rate = run.tokens_per_second(timing.eager_best)
+        compiled_rate = run.tokens_per_second(timing.compiled_best)
         difference = run.first_difference()
         where = "" if difference is None else \
             f" (first difference: sequence {difference[0]}, step {difference[1]})"
         print(f"generated {args.batch} x {args.new_tokens} tokens (greedy, prompt "
               f"{args.prompt_len}); equal to eager: {'yes' if run.equal else 'NO'}{where}")
-        no_graphs = "" if run.compiled.report.captured_sizes else \
-            " [no graphs captured: the compiled pieces run eagerly]"
         print(f"tokens/s: eager {eager_rate:,.1f}, compiled {compiled_rate:,.1f} "
-              f"({compiled_rate / eager_rate:.2f}x){no_graphs}\n")
+              f"({timing.speedup:.2f}x; best of {len(timing.eager)} runs each, interleaved"
+              f"{_noise(timing.spread)})")
+        print(_graphs_note(config.resolved_device(), run.compiled.report.captured_sizes))
+        print()
         all_equal &= run.equal
     return 0 if all_equal else 1
+
+
+def _noise(spread: float) -> str:
+    """A warning when runs varied so much that the ratio is mostly the machine's noise."""
+    return f"; noisy: runs varied by up to {spread:.0%}" if spread > NOISY_SPREAD else ""
+
+
+def _graphs_note(device: torch.device, captured: Sequence[int]) -> str:
+    if device.type != "cuda":
+        return (f"note: CUDA graphs are GPU-only; on {device.type} nothing is captured, so this "
+                f"compares the rewritten graph (the passes alone) with eager")
+    if not captured:
+        return "note: no graphs were captured; the compiled pieces run eagerly"
+    return f"graphs: captured for token counts {', '.join(map(str, captured))}"
 
 
 def _positive(text: str) -> int:

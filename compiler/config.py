@@ -9,119 +9,88 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-import runtime.ops  # noqa: F401  (registers the dispatch ops and their implementations)
-from passes import PASSES
-from runtime.registry import AUTO, kernel_implementations, kernel_ops
+from compiler.config_fields import (
+    check_bool,
+    check_capture_failure,
+    check_count,
+    check_count_or_auto,
+    check_device,
+    check_fraction,
+    check_kernels,
+    check_passes,
+    check_path,
+    check_sizes,
+    check_splitting_ops,
+    config_field,
+    parse_bool,
+    parse_count,
+    parse_count_or_auto,
+    parse_fraction,
+    parse_kernels,
+    parse_names,
+    parse_path,
+    parse_sizes,
+)
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 ENV_PREFIX = "FXKILN_"
 
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """How to compile a model. Immutable; validated at construction."""
+    """How to compile a model. Immutable; validated at construction.
 
-    kernels: Mapping[str, str] = field(default_factory=dict)  # op -> implementation or "auto"
-    passes: tuple[str, ...] | None = None                     # None = the default pipeline
-    capture_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)      # token-count buckets; () = none
-    device: str = "auto"                                      # auto | cpu | cuda | cuda:N
-    verify: bool = False                  # check each pass: before and after agree on random inputs
-    dump_dir: str | None = None           # write each graph's code here, numbered in pass order
-    splitting_ops: tuple[str, ...] | None = None  # "namespace::op" names; None = attention ops
-    capture_warmup_runs: int = 1          # eager runs of each piece before its capture
-    capture_failure: str = "raise"        # a piece that cannot be captured: "raise" | "eager"
-    simulate_capture: bool = False        # replay through the CUDA-graph simulator (any device)
-    debug: bool = False                   # check static input addresses at every replay
+    Identity (`to_dict`, `hash`, `replace`, `from_env`) comes from the field list: a new field
+    needs only its line here, with its check and its environment parser.
+    """
+
+    # op -> implementation or "auto"
+    kernels: Mapping[str, str] = config_field(factory=dict, check=check_kernels, env=parse_kernels)
+    # None = the default pipeline; else pass names in order
+    passes: tuple[str, ...] | None = config_field(None, check=check_passes, env=parse_names)
+    # token-count buckets; () = none
+    capture_sizes: tuple[int, ...] = config_field((1, 2, 4, 8, 16, 32), check=check_sizes,
+                                                  env=parse_sizes)
+    # auto | cpu | cuda | cuda:N
+    device: str = config_field("auto", check=check_device, env=str)
+    # check each pass: before and after agree on random inputs (outputs and writes)
+    verify: bool = config_field(False, check=check_bool, env=parse_bool)
+    # write each graph's code here, numbered in pass order
+    dump_dir: str | None = config_field(None, check=check_path, env=parse_path)
+    # registered "namespace::op" names; None = the attention ops
+    splitting_ops: tuple[str, ...] | None = config_field(None, check=check_splitting_ops,
+                                                         env=parse_names)
+    # eager runs of each piece before its capture
+    capture_warmup_runs: int = config_field(1, check=check_count, env=parse_count)
+    # a piece that cannot be captured: "raise" | "eager"
+    capture_failure: str = config_field("raise", check=check_capture_failure, env=str)
+    # replay through the CUDA-graph simulator (any device)
+    simulate_capture: bool = config_field(False, check=check_bool, env=parse_bool)
+    # check static input addresses at every replay
+    debug: bool = config_field(False, check=check_bool, env=parse_bool)
     # slots of the runner's KV cache (whole-step decode graphs); 0 = none; "auto": CUDA sizes it
-    # from a profiling run (runtime.memory), CPU takes a fixed runtime.memory.CPU_KV_CACHE_TOKENS
-    kv_cache_tokens: int | str = "auto"
-    gpu_memory_utilization: float = 0.9   # "auto" KV cache: fraction of device memory to fill
+    # from a profiling run after capture (runtime.memory), CPU takes a fixed
+    # runtime.memory.CPU_KV_CACHE_TOKENS
+    kv_cache_tokens: int | str = config_field("auto", check=check_count_or_auto,
+                                              env=parse_count_or_auto)
+    # "auto" KV cache: the fraction of device memory that weights, graphs, activations and the
+    # cache may fill together (vLLM's gpu_memory_utilization)
+    gpu_memory_utilization: float = config_field(0.9, check=check_fraction, env=parse_fraction)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.kernels, Mapping):
-            raise ValueError(f"kernels: expected a mapping of op name to implementation, "
-                             f"found {type(self.kernels).__name__}")
-        for op, impl in self.kernels.items():
-            if op not in kernel_ops():
-                raise ValueError(f"kernels: unknown op {op!r}; expected one of {list(kernel_ops())}")
-            valid = [AUTO, *sorted(kernel_implementations(op))]
-            if impl not in valid:
-                raise ValueError(f"kernels[{op!r}]: unknown implementation {impl!r}; "
-                                 f"expected one of {valid}")
-        object.__setattr__(self, "kernels", MappingProxyType(dict(sorted(self.kernels.items()))))
-
-        if self.passes is not None:
-            if isinstance(self.passes, str):
-                raise ValueError(f"passes: expected a tuple of pass names, found the string "
-                                 f"{self.passes!r}")
-            object.__setattr__(self, "passes", tuple(self.passes))
-            for name in self.passes:
-                if name not in PASSES:
-                    raise ValueError(f"passes: unknown pass {name!r}; expected names from "
-                                     f"{sorted(PASSES)}")
-
-        sizes = tuple(self.capture_sizes)
-        if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
-            raise ValueError(f"capture_sizes: expected positive integers, found {sizes!r}")
-        object.__setattr__(self, "capture_sizes", tuple(sorted(set(sizes))))
-
-        if not isinstance(self.device, str) or not _DEVICE_PATTERN.match(self.device):
-            raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', "
-                             f"found {self.device!r}")
-        for name in ("verify", "simulate_capture", "debug"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected a bool, found {getattr(self, name)!r}")
-        if self.splitting_ops is not None:
-            if isinstance(self.splitting_ops, str):
-                raise ValueError(f"splitting_ops: expected a tuple of 'namespace::op' names, "
-                                 f"found the string {self.splitting_ops!r}")
-            object.__setattr__(self, "splitting_ops", tuple(self.splitting_ops))
-            for op in self.splitting_ops:
-                if not isinstance(op, str) or "::" not in op:
-                    raise ValueError(f"splitting_ops: expected 'namespace::op' names such as "
-                                     f"'fxkiln::attention', found {op!r}")
-        if not isinstance(self.capture_warmup_runs, int) or self.capture_warmup_runs < 0:
-            raise ValueError(f"capture_warmup_runs: expected an integer >= 0, "
-                             f"found {self.capture_warmup_runs!r}")
-        if self.kv_cache_tokens != "auto" and (
-                isinstance(self.kv_cache_tokens, bool) or not isinstance(self.kv_cache_tokens, int)
-                or self.kv_cache_tokens < 0):
-            raise ValueError(f"kv_cache_tokens: expected 'auto' or an integer >= 0, "
-                             f"found {self.kv_cache_tokens!r}")
-        fraction = self.gpu_memory_utilization
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-                or not 0 < fraction <= 1:
-            raise ValueError(f"gpu_memory_utilization: expected a fraction in (0, 1], "
-                             f"found {fraction!r}")
-        if self.capture_failure not in ("raise", "eager"):
-            raise ValueError(f"capture_failure: expected 'raise' or 'eager', "
-                             f"found {self.capture_failure!r}")
+        for spec in dataclasses.fields(self):
+            object.__setattr__(self, spec.name,
+                               spec.metadata["check"](spec.name, getattr(self, spec.name)))
 
     # -- identity -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kernels": dict(self.kernels),
-            "passes": None if self.passes is None else list(self.passes),
-            "capture_sizes": list(self.capture_sizes),
-            "device": self.device,
-            "verify": self.verify,
-            "dump_dir": self.dump_dir,
-            "splitting_ops": None if self.splitting_ops is None else list(self.splitting_ops),
-            "capture_warmup_runs": self.capture_warmup_runs,
-            "capture_failure": self.capture_failure,
-            "simulate_capture": self.simulate_capture,
-            "debug": self.debug,
-            "kv_cache_tokens": self.kv_cache_tokens,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-        }
+        """Every field, as plain JSON values (mappings as dicts, tuples as lists)."""
+        return {spec.name: _plain(getattr(self, spec.name)) for spec in dataclasses.fields(self)}
 
     def hash(self) -> str:
         """A digest of the config that is the same in every process (for cache keys)."""
@@ -129,7 +98,7 @@ class CompileConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def replace(self, **changes: Any) -> CompileConfig:
-        return CompileConfig(**{**self.to_dict(), **changes})
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CompileConfig:
@@ -149,45 +118,39 @@ class CompileConfig:
     # -- the environment --------------------------------------------------------------------
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CompileConfig:
-        """A config from FXKILN_* variables; the only reader of the environment in fxkiln.
+        """A config from FXKILN_<FIELD> variables; the only reader of the environment in fxkiln.
 
         FXKILN_KERNELS="rms_norm=triton,silu_and_mul=native", FXKILN_PASSES="cleanup,..."
         (or "default"), FXKILN_CAPTURE_SIZES="1,2,4" (empty: no capture), FXKILN_DEVICE,
-        FXKILN_VERIFY=0|1, FXKILN_DUMP_DIR, FXKILN_SPLITTING_OPS="fxkiln::attention,...",
-        FXKILN_CAPTURE_WARMUP_RUNS, FXKILN_CAPTURE_FAILURE=raise|eager,
-        FXKILN_SIMULATE_CAPTURE=0|1, FXKILN_DEBUG=0|1, FXKILN_KV_CACHE_TOKENS=auto|N,
-        FXKILN_GPU_MEMORY_UTILIZATION=0.9. Any other FXKILN_* variable is an error.
+        FXKILN_VERIFY=0|1, FXKILN_DUMP_DIR (empty: none), FXKILN_SPLITTING_OPS=
+        "fxkiln::attention,..." (or "default"), FXKILN_CAPTURE_WARMUP_RUNS,
+        FXKILN_CAPTURE_FAILURE=raise|eager, FXKILN_SIMULATE_CAPTURE=0|1, FXKILN_DEBUG=0|1,
+        FXKILN_KV_CACHE_TOKENS=auto|N, FXKILN_GPU_MEMORY_UTILIZATION=0.9. Any other FXKILN_*
+        variable is an error.
         """
         env = os.environ if environ is None else environ
-        parsers = {
-            "KERNELS": ("kernels", _parse_kernels),
-            "PASSES": ("passes", _parse_passes),
-            "CAPTURE_SIZES": ("capture_sizes", _parse_sizes),
-            "DEVICE": ("device", str),
-            "VERIFY": ("verify", _parse_bool),
-            "DUMP_DIR": ("dump_dir", str),
-            "SPLITTING_OPS": ("splitting_ops", _parse_names),
-            "CAPTURE_WARMUP_RUNS": ("capture_warmup_runs", _parse_count),
-            "CAPTURE_FAILURE": ("capture_failure", str),
-            "SIMULATE_CAPTURE": ("simulate_capture", _parse_bool),
-            "DEBUG": ("debug", _parse_bool),
-            "KV_CACHE_TOKENS": ("kv_cache_tokens", _parse_count_or_auto),
-            "GPU_MEMORY_UTILIZATION": ("gpu_memory_utilization", _parse_fraction),
-        }
+        parsers = {ENV_PREFIX + spec.name.upper(): spec for spec in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in env.items():
             if not key.startswith(ENV_PREFIX):
                 continue
-            suffix = key[len(ENV_PREFIX):]
-            if suffix not in parsers:
+            if key not in parsers:
                 raise ValueError(f"unknown environment variable {key}; expected one of "
-                                 f"{[ENV_PREFIX + s for s in parsers]}")
-            name, parse = parsers[suffix]
+                                 f"{list(parsers)}")
+            spec = parsers[key]
             try:
-                values[name] = parse(raw)
+                values[spec.name] = spec.metadata["env"](raw)
             except ValueError as exc:
                 raise ValueError(f"{key}: {exc}") from None
         return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _reject_unknown_fields(init: Any) -> Any:
@@ -204,57 +167,3 @@ def _reject_unknown_fields(init: Any) -> Any:
 
 
 CompileConfig.__init__ = _reject_unknown_fields(CompileConfig.__init__)  # type: ignore[method-assign]  # unknown keys must be ValueError, not TypeError
-
-
-def _parse_kernels(raw: str) -> dict[str, str]:
-    kernels: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        op, sep, impl = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected 'op=implementation' items, found {item!r}")
-        kernels[op.strip()] = impl.strip()
-    return kernels
-
-
-def _parse_passes(raw: str) -> tuple[str, ...] | None:
-    if raw.strip() == "default":
-        return None
-    return tuple(filter(None, (part.strip() for part in raw.split(","))))
-
-
-def _parse_sizes(raw: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in raw.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, found {raw!r}") from None
-
-
-def _parse_names(raw: str) -> tuple[str, ...]:
-    return tuple(filter(None, (part.strip() for part in raw.split(","))))
-
-
-def _parse_count(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"expected an integer, found {raw!r}") from None
-
-
-def _parse_count_or_auto(raw: str) -> int | str:
-    return "auto" if raw.strip() == "auto" else _parse_count(raw)
-
-
-def _parse_fraction(raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"expected a number, found {raw!r}") from None
-
-
-def _parse_bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected 0 or 1, found {raw!r}")

@@ -4,25 +4,54 @@ Each model is a preset of `models.presets` (a Hugging Face config with seeded ra
 nothing is downloaded), loaded with `models.from_hf` and compiled by `compile_model` with the
 default pipeline and capture sizes. The demo generates the same tokens eagerly and compiled
 (greedy, EOS off so that both runs make the same number of tokens), checks they are equal,
-and times both (median of three runs after a warm-up run). The CLI prints; this module returns
-values.
+and times both: a warm-up run each, then TIMED_RUNS runs each, eager and compiled interleaved
+(alternating which goes first), so that both see the same machine; the best run of each is
+what it reports. The CLI prints; this module returns values.
 """
 from __future__ import annotations
 
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from compiler.compile import CompiledModel, compile_model
+from compiler.compile import compile_model
+from compiler.compiled_model import CompiledModel
 from compiler.config import CompileConfig
 from runtime import generate
 
 DEFAULT_MODELS = ("bart-tiny", "llama-tiny")
-TIMED_RUNS = 3
+TIMED_RUNS = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of each timed run, eager and compiled, in the order they ran (interleaved)."""
+
+    eager: tuple[float, ...]
+    compiled: tuple[float, ...]
+
+    @property
+    def eager_best(self) -> float:
+        return min(self.eager)
+
+    @property
+    def compiled_best(self) -> float:
+        return min(self.compiled)
+
+    @property
+    def speedup(self) -> float:
+        """Eager's best run over compiled's: above 1, compiled is faster."""
+        return self.eager_best / self.compiled_best if self.compiled_best > 0 else float("inf")
+
+    @property
+    def spread(self) -> float:
+        """How far the slowest run of either side is above its best (0.5: 50% slower)."""
+        return max(max(runs) / min(runs) - 1 for runs in (self.eager, self.compiled)
+                   if min(runs) > 0)
 
 
 @dataclass(frozen=True)
@@ -34,8 +63,7 @@ class DemoRun:
     compiled: CompiledModel
     eager_tokens: torch.Tensor      # (batch, new_tokens)
     compiled_tokens: torch.Tensor   # (batch, new_tokens)
-    eager_seconds: float
-    compiled_seconds: float
+    timing: Timing
 
     @property
     def equal(self) -> bool:
@@ -89,25 +117,31 @@ def run_demo(name: str, config: CompileConfig, dtype: torch.dtype, batch: int,
     def run(target: Any) -> torch.Tensor:
         return generate(target, prompt, new_tokens, encoder_input_ids=source, ignore_eos=True)
 
-    eager_tokens, eager_seconds = _timed(run, model, device)
-    compiled_tokens, compiled_seconds = _timed(run, compiled, device)
-    return DemoRun(name, description, compiled, eager_tokens, compiled_tokens, eager_seconds,
-                   compiled_seconds)
+    eager_tokens, compiled_tokens, timing = timed_interleaved(run, model, compiled, device)
+    return DemoRun(name, description, compiled, eager_tokens, compiled_tokens, timing)
 
 
-def _timed(run: Any, target: Any, device: torch.device,
-           repeats: int = TIMED_RUNS) -> tuple[torch.Tensor, float]:
-    """(tokens, median seconds) of `run(target)` over `repeats` runs after one warm-up run;
-    synchronized on CUDA."""
-    run(target)
-    seconds = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        tokens = run(target)
-        _synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return tokens, statistics.median(seconds)
+def timed_interleaved(run: Callable[[Any], torch.Tensor], eager: Any, compiled: Any,
+                       device: torch.device, repeats: int = TIMED_RUNS
+                       ) -> tuple[torch.Tensor, torch.Tensor, Timing]:
+    """Tokens of both, and the seconds of `repeats` runs of each after one warm-up run each.
+
+    Runs alternate, and so does which of the two goes first in each round, so that neither
+    gets a quieter or warmer machine; synchronized on CUDA.
+    """
+    tokens = {"eager": run(eager), "compiled": run(compiled)}
+    seconds: dict[str, list[float]] = {"eager": [], "compiled": []}
+    targets = {"eager": eager, "compiled": compiled}
+    for round_index in range(repeats):
+        order = ("eager", "compiled") if round_index % 2 == 0 else ("compiled", "eager")
+        for side in order:
+            _synchronize(device)
+            start = time.perf_counter()
+            tokens[side] = run(targets[side])
+            _synchronize(device)
+            seconds[side].append(time.perf_counter() - start)
+    return tokens["eager"], tokens["compiled"], Timing(tuple(seconds["eager"]),
+                                                       tuple(seconds["compiled"]))
 
 
 def _synchronize(device: torch.device) -> None:

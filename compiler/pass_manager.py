@@ -14,6 +14,8 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from passes.base import GraphPass
+from passes.fx_utils import constant_tensor
+from passes.writes import written_args
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +94,13 @@ class PassManager:
         (self.dump_dir / f"{index:03d}_{label}.py").write_text(code)
 
     def _verify(self, name: str, before: fx.GraphModule, after: fx.GraphModule) -> None:
+        """Both graphs run from the same state; their outputs and what they write must agree."""
         assert self.verify_inputs is not None
-        context = self.verify_context if self.verify_context is not None else nullcontext
-        with torch.no_grad(), context():
-            expected = tree_flatten(before(*self.verify_inputs))[0]
-        with torch.no_grad(), context():
-            actual = tree_flatten(after(*self.verify_inputs))[0]
+        state = {**written_state(before, self.verify_inputs),
+                 **written_state(after, self.verify_inputs)}
+        initial = {label: tensor.clone() for label, tensor in state.items()}
+        expected, expected_state = self._run(before, state, initial)
+        actual, actual_state = self._run(after, state, initial)
         if len(expected) != len(actual):
             raise PassVerificationError(f"pass {name!r} changed the number of outputs from "
                                         f"{len(expected)} to {len(actual)}")
@@ -106,7 +109,53 @@ class PassManager:
             if problem is not None:
                 raise PassVerificationError(f"pass {name!r} changed the result: output {position} "
                                             f"{problem}")
-        logger.debug("pass %s verified on %d outputs", name, len(expected))
+        for label in state:
+            problem = _difference(expected_state[label], actual_state[label])
+            if problem is not None:
+                raise PassVerificationError(f"pass {name!r} changed what the graph writes: "
+                                            f"{label} {problem}")
+        logger.debug("pass %s verified on %d outputs and %d written tensors", name, len(expected),
+                     len(state))
+
+    def _run(self, gm: fx.GraphModule, state: dict[str, torch.Tensor],
+             initial: dict[str, torch.Tensor]) -> tuple[list[Any], dict[str, torch.Tensor]]:
+        """`gm`'s flat outputs and the written tensors after it ran; then the state as it was."""
+        assert self.verify_inputs is not None
+        context = self.verify_context if self.verify_context is not None else nullcontext
+        try:
+            with torch.no_grad(), context():
+                outputs = tree_flatten(gm(*self.verify_inputs))[0]
+            return outputs, {label: tensor.clone() for label, tensor in state.items()}
+        finally:
+            with torch.no_grad():
+                for label, tensor in state.items():
+                    tensor.copy_(initial[label])
+
+
+def written_state(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """The tensors `gm` may write into, by label ("attribute 'state'", "input 0 (x)").
+
+    Each written argument is followed back through first arguments (a view's source) to the
+    attribute or input it comes from; that over-approximates what a write may reach.
+    """
+    placeholders = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    found: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        for written in written_args(node):
+            root = written
+            while root.op not in ("get_attr", "placeholder") and root.args \
+                    and isinstance(root.args[0], fx.Node):
+                root = root.args[0]
+            if root.op == "get_attr":
+                value, label = constant_tensor(gm, root), f"attribute {root.target!r}"
+            elif root.op == "placeholder" and placeholders[root] < len(inputs):
+                index = placeholders[root]
+                value, label = inputs[index], f"input {index} ({root.name})"
+            else:
+                continue
+            if isinstance(value, torch.Tensor):
+                found[label] = value
+    return found
 
 
 def _difference(ref: Any, out: Any) -> str | None:

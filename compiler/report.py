@@ -11,14 +11,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compiler.pass_manager import PassRecord
 from passes.fx_utils import constant_tensor, is_getitem, is_view_like, tensor_meta
+from runtime.runner import RunnerStats
 
 
 @dataclass
 class CompileReport:
     """Per-pass matches and time; FLOPs and weight bytes before and after; runtime figures.
 
-    `pieces`, `captured_sizes`, `capture_seconds`, `graph_memory_bytes` and the KV cache figures
-    come from the runtime; they stay 0/empty when the model runs without it.
+    `pieces`, `captured_sizes`, `captured_signatures`, `capture_seconds`, `graph_memory_bytes`
+    and the KV cache figures come from the runner (`set_runtime`): for a Dynamo graph they grow
+    as its signatures are captured, on first use. `capture_note` says why nothing is captured.
+    They stay 0/empty when the model runs without a runner.
     """
 
     frontend: str = ""
@@ -32,12 +35,24 @@ class CompileReport:
     pieces: int = 0
     captured_sizes: tuple[int, ...] = ()
     decode_graph_sizes: tuple[int, ...] = ()   # sizes whose whole decode step is one graph
+    captured_signatures: tuple[str, ...] = ()  # Dynamo graphs: the signatures with graphs
     capture_seconds: float = 0.0
     graph_memory_bytes: int = 0
+    capture_note: str = ""                   # why nothing is captured (or not yet)
     compile_seconds: float = 0.0
     weight_memory_bytes: int = 0               # what the model's weights take on the device
     kv_cache_tokens: int = 0                   # slots of the runner's KV cache (0: none)
     kv_cache_bytes: int = 0
+
+    def set_runtime(self, stats: RunnerStats) -> None:
+        """Take the runtime figures of a runner's `RunnerStats`."""
+        self.pieces, self.captured_sizes = stats.pieces, stats.captured_sizes
+        self.decode_graph_sizes = stats.decode_graph_sizes
+        self.captured_signatures = stats.captured_signatures
+        self.capture_seconds = stats.capture_seconds
+        self.graph_memory_bytes = stats.graph_memory_bytes
+        self.capture_note = stats.note
+        self.kv_cache_tokens, self.kv_cache_bytes = stats.kv_cache_tokens, stats.kv_cache_bytes
 
     def add_passes(self, records: Sequence[PassRecord]) -> None:
         for record in records:
@@ -73,6 +88,9 @@ class CompileReport:
         lines.append(f"  memory         weights {self.weight_memory_bytes / 2**30:.3f} GiB, "
                      f"graphs {self.graph_memory_bytes / 2**30:.3f} GiB, KV cache "
                      f"{self.kv_cache_tokens} tokens {self.kv_cache_bytes / 2**30:.3f} GiB")
+        lines += [f"  signature      {label}" for label in self.captured_signatures]
+        if self.capture_note:
+            lines.append(f"  not captured   {self.capture_note}")
         return "\n".join(lines)
 
 
@@ -132,7 +150,17 @@ def _derives_from_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _numel(value: torch.Tensor) -> int:
-    try:
-        return int(value.numel())
-    except Exception:  # noqa: BLE001  (a symbolic size: weights never have one)
-        return 0
+    """Elements of `value` without adding a Dynamo guard.
+
+    A symbolic count (a buffer sliced to the call's sequence length, as BERT's position ids
+    are) is counted at the example call's size: `int()` on it would specialize the graph to
+    that size, and Dynamo would recompile it for every new length.
+    """
+    numel = value.numel()
+    if not isinstance(numel, torch.SymInt):
+        return int(numel)
+    static = numel.node.maybe_as_int()
+    if static is not None:
+        return static
+    hint = numel.node.hint
+    return hint if isinstance(hint, int) else 0

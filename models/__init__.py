@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +37,12 @@ def from_hf(hf_model_or_dir: Any, tp_size: int = 1, *, group: dist.ProcessGroup 
     config's dtype, else float32, on CPU). Weights come from `state_dict()` or the folder's
     `*.safetensors` files; a missing, unexpected or mis-shaped tensor raises WeightLoadError.
     """
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"from_hf: tp_size: expected an integer >= 1, found {tp_size!r}")
     if isinstance(hf_model_or_dir, (str, os.PathLike)):
         from transformers import AutoConfig
 
+        _check_folder(Path(hf_model_or_dir))
         config = AutoConfig.from_pretrained(hf_model_or_dir, local_files_only=True)
         weights: Any = iterate_safetensors(hf_model_or_dir)
         config_dtype = getattr(config, "dtype", None)
@@ -62,6 +66,17 @@ def from_hf(hf_model_or_dir: Any, tp_size: int = 1, *, group: dist.ProcessGroup 
                 weight_memory_bytes(model) / 2**30, type(model).__name__,
                 time.perf_counter() - start)
     return model.eval()
+
+
+def _check_folder(folder: Path) -> None:
+    """A save_pretrained folder: it exists and holds config.json (no hub look-up for typos)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"from_hf: expected a Hugging Face model object or a local "
+                                f"folder saved by save_pretrained, found the path {str(folder)!r}, "
+                                f"which {'is a file' if folder.exists() else 'does not exist'}")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"from_hf: expected a folder saved by save_pretrained (with a "
+                                f"config.json), found {str(folder)!r} without one")
 
 
 def _tensor_parallel(tp_size: int, group: dist.ProcessGroup | None) -> TensorParallel:

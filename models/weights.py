@@ -27,13 +27,32 @@ ShardId = str | int | None
 
 
 def iterate_safetensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every `*.safetensors` file in `folder`."""
+    """(name, tensor) for every tensor of every `*.safetensors` file in `folder`.
+
+    The files' headers are read first, here: no files, or a tensor in two files (which of the
+    two is meant is unknown), is an error before any tensor is read.
+    """
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: expected *.safetensors files (save_pretrained with "
                                 f"safe_serialization), found none; pickle checkpoints are not read")
+    file_of: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as reader:
+            for name in reader.keys():
+                if name in file_of:
+                    raise WeightLoadError(f"checkpoint tensor {name!r} is in both "
+                                          f"{file_of[name].name} and {file.name} of {folder}; "
+                                          f"expected each tensor in one file", name)
+                file_of[name] = file
+    return _read_tensors(files)
+
+
+def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
     for file in files:
         with safe_open(str(file), framework="pt") as reader:
             for name in reader.keys():

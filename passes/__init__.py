@@ -4,18 +4,31 @@ from __future__ import annotations
 from passes.base import GraphPass, PassContext, PassResult
 from passes.cleanup import CleanupPass
 from passes.kernel_choice import KernelChoicePass
+from passes.lift_act_and_mul import LiftActAndMulPass
+from passes.lift_add_rms_norm import LiftAddRmsNormPass
+from passes.lift_rms_norm import LiftRmsNormPass
+from passes.lift_rotary import LiftRotaryPass
 from passes.qkv_fuse import QkvFusePass
 from passes.qkv_split import QkvSplitPass
 
-# Every pass by name, and the default pipeline (order matters: kernel_choice first, so later
-# passes see direct kernel calls; qkv_split narrows fused projections before qkv_fuse joins
-# separate ones; cleanup last tidies up after the rewrites before it).
+# Every pass by name, and the default pipeline. Order matters: qkv_split narrows fused
+# projections before qkv_fuse joins separate ones (gate_proj and up_proj too, into the one
+# projection whose halves lift_act_and_mul reads); the lifting passes turn the idioms models
+# spell out in torch ops into dispatch ops (lift_add_rms_norm fuses the adds before the norms
+# lift_rms_norm wrote); kernel_choice then rewrites every dispatch op, lifted or written by
+# the model, into its chosen kernel; cleanup last tidies up after the rewrites before it.
 PASSES: dict[str, type[GraphPass]] = {
-    KernelChoicePass.name: KernelChoicePass,
     QkvSplitPass.name: QkvSplitPass,
     QkvFusePass.name: QkvFusePass,
+    LiftRmsNormPass.name: LiftRmsNormPass,
+    LiftAddRmsNormPass.name: LiftAddRmsNormPass,
+    LiftActAndMulPass.name: LiftActAndMulPass,
+    LiftRotaryPass.name: LiftRotaryPass,
+    KernelChoicePass.name: KernelChoicePass,
     CleanupPass.name: CleanupPass,
 }
-DEFAULT_PIPELINE: tuple[str, ...] = ("kernel_choice", "qkv_split", "qkv_fuse", "cleanup")
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    "qkv_split", "qkv_fuse", "lift_rms_norm", "lift_add_rms_norm", "lift_act_and_mul",
+    "lift_rotary", "kernel_choice", "cleanup")
 
 __all__ = ["DEFAULT_PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult"]

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from passes.writes import writes
+
 # Ops whose output is a view of their first argument with its elements unchanged in order.
 VIEW_METHODS = frozenset({"view", "reshape", "flatten", "contiguous"})
 VIEW_FUNCTIONS = frozenset({torch.reshape, torch.flatten, torch.Tensor.view, torch.Tensor.reshape})
@@ -78,15 +80,25 @@ def constant_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return None
 
 
+def static_dtype(value: Any) -> torch.dtype | None:
+    """The dtype `value` stands for at compile time: a dtype literal (Dynamo's graphs) or a
+    `tensor.dtype` node (symbolic_trace's) of a tensor whose dtype shape propagation knows."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target is getattr \
+            and value.args[1:] == ("dtype",):
+        source = tensor_meta(value.args[0])
+        return source.dtype if source is not None else None
+    return None
+
+
 # -- liveness -------------------------------------------------------------------------------
 
 def is_impure(node: fx.Node) -> bool:
-    """FX's notion, plus in-place methods and functions (`out.copy_(x)`), which it misses."""
-    if node.is_impure():
-        return True
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    in_place = name.endswith("_") and not name.startswith("_")
-    return node.op in ("call_method", "call_function") and in_place
+    """FX's notion (mutable schemas, asserts, random ops), plus every write it misses:
+    tensor methods and `__setitem__` called by name, augmented assignment, `out=` and
+    `inplace=True` (`passes.writes`)."""
+    return node.is_impure() or writes(node)
 
 
 def live_nodes(graph: fx.Graph) -> set[fx.Node]:

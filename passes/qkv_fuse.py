@@ -18,13 +18,15 @@ from passes.fx_utils import (
     holds_tensor,
     projection_of,
 )
+from passes.writes import written_args
 
 logger = logging.getLogger(__name__)
 
 # What the pass matches: `linear(x, W_i, b_i)` nodes with compile-time constant weights that
 # read the same `x` and form one run: computed one after another, before any of their results
 # meets a tensor that does not come from them (an attention's Q, a mask, a residual). That is
-# what separates layer i's K and V from layer i+1's, which read the same encoder output.
+# what separates layer i's K and V from layer i+1's, which read the same encoder output. A write
+# into anything else also ends a run (the fused GEMM runs where the first projection did).
 MIN_FUSED, MAX_FUSED = 2, 3
 # What it writes: linear(x, cat(W_i), cat(b_i)) with the weights concatenated once, at compile
 # time, into new parameters of the GraphModule; then split(out_i, dim=-1); each old projection's
@@ -123,6 +125,9 @@ def _runs(gm: fx.GraphModule, projections: list[Projection]) -> Iterator[list[Pr
                 run, reached = [], set()
             run.append(members[node])
             reached.add(node)
+        elif run and any(written not in reached for written in written_args(node)):
+            yield run  # a later projection may read what this node writes: it cannot move up
+            run, reached = [], set()
         elif run:
             tensors = [a for a in node.all_input_nodes if holds_tensor(a)]
             if any(a in reached for a in tensors):

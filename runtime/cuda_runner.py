@@ -1,7 +1,7 @@
-"""The CUDA runner: each captured piece becomes one CUDA graph per token-count bucket.
+"""The CUDA graph device: each captured piece (or whole step) becomes one CUDA graph per key.
 
-All graphs share one memory pool and are captured largest bucket first, so a smaller bucket's
-graphs reuse the memory of the larger ones. Memory is kept small the way a graph pool allows:
+All graphs of one runner share one memory pool; the bucket runner captures largest bucket first,
+so a smaller bucket's graphs reuse the memory of the larger ones. Memory is kept small the way a graph pool allows:
 the runner holds only weak references to the outputs of every piece but the last (their memory
 is free in the pool's eyes once the next piece of the capture forward has read them; at replay
 each piece rewrites it before the next reads it). The last piece's outputs stay strongly held.
@@ -13,16 +13,14 @@ values (stream capture records kernels without running them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from runtime.piece_runner import CapturedGraph
-from runtime.runner import DeviceProperties, ModelRunnerBase
-from runtime.split import Piece
+from runtime.graph_device import CapturedGraph, DeviceProperties, GraphDevice
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +51,17 @@ class CUDAPieceGraph:
         self.graph.replay()
 
 
-class CUDARunner(ModelRunnerBase):
-    """ModelRunnerBase with real CUDA graphs; see the module docstring."""
+class CUDAGraphDevice(GraphDevice):
+    """Real CUDA graphs; see the module docstring."""
 
     uses_graphs = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, device: torch.device | str) -> None:
         self._pool: Any = None
         self._stream: torch.cuda.Stream | None = None
-        super().__init__(*args, **kwargs)
+        super().__init__(device)
 
-    def _cache_device_properties(self) -> DeviceProperties:
+    def _read_properties(self) -> DeviceProperties:
         properties = torch.cuda.get_device_properties(self.device)
         return DeviceProperties(name=properties.name,
                                 capability=(properties.major, properties.minor),
@@ -71,7 +69,7 @@ class CUDARunner(ModelRunnerBase):
                                 total_memory_bytes=properties.total_memory)
 
     @contextmanager
-    def _capture_session(self) -> Iterator[None]:
+    def capture_session(self) -> Iterator[None]:
         """All warm-ups, eager pieces and captures run on one side stream (capture cannot use
         the default stream; one stream keeps the caching allocator free of cross-stream use)."""
         with torch.cuda.device(self.device):
@@ -94,8 +92,9 @@ class CUDARunner(ModelRunnerBase):
         finally:
             torch.cuda.set_sync_debug_mode(previous)
 
-    def capture_graph(self, piece: Piece | None, args: Sequence[Any], run: Callable[..., Any],
-                      is_last: bool) -> tuple[CapturedGraph, Any]:
+    def capture_graph(self, run: Callable[..., Any], args: Sequence[Any], *, key: Hashable,
+                      keep_outputs: bool, host_scalars: frozenset[int] = frozenset(),
+                      ) -> tuple[CapturedGraph, Any]:
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(pool=self._pool)
         try:
@@ -105,7 +104,7 @@ class CUDARunner(ModelRunnerBase):
             raise
         graph.capture_end()
         graph.replay()
-        kept = outputs if is_last else pytree.tree_map(weak_ref_tensor, outputs)
+        kept = outputs if keep_outputs else pytree.tree_map(weak_ref_tensor, outputs)
         return CUDAPieceGraph(graph, kept), outputs
 
 

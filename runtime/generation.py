@@ -35,7 +35,8 @@ def generate(model: Callable[..., torch.Tensor], input_ids: PromptsInput | None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              ignore_eos: bool = False, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             prefill_chunk_tokens: int | None = None) -> torch.Tensor:
+             prefill_chunk_tokens: int | None = None,
+             input_features: torch.Tensor | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens per sequence; returns them, `(batch, steps_run)`.
 
     input_ids: the prompts: a (batch, length) tensor, the same padded (left or right) with
@@ -56,12 +57,14 @@ def generate(model: Callable[..., torch.Tensor], input_ids: PromptsInput | None,
         not, and whatever other sequences of the batch do.
     prefill_chunk_tokens: at most this many prompt tokens per step (chunked prefill; None: all
         prompts in the first step). The tokens do not change.
+    input_features: the encoder input of models whose encoder reads features instead of
+        token ids (Whisper: (batch, mel bins, frames)); in place of encoder_input_ids.
     Ids outside the vocabulary and prompts too long for the model's positions (with
     max_new_tokens) are refused before any step runs.
     """
     spec_model = find_generation_model(model)
     request = prepare_request(spec_model, input_ids, attention_mask, encoder_input_ids,
-                              encoder_attention_mask, max_new_tokens)
+                              encoder_attention_mask, max_new_tokens, input_features)
     chooser_params = SamplingParams(do_sample, temperature, top_k, top_p, seed)
     planner = PrefillPlanner(request.prompt_lens, prefill_chunk_tokens)
     eos_ids, pad_id = stop_tokens(getattr(spec_model, "config", None), eos_token_id,

@@ -14,7 +14,8 @@ import torch
 import runtime.kernels  # noqa: F401  (registers the implementations)
 from runtime import registry, settings
 
-DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
+DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "gelu_and_mul",
+                "rotary_embedding", "rotary_cos_sin")
 
 
 def _dispatch(op: str, x: torch.Tensor, *args: Any) -> Any:
@@ -61,6 +62,32 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @silu_and_mul.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("fxkiln::gelu_and_mul", mutates_args=())
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """gelu(first half of the last dimension, approximate) * second half."""
+    return _dispatch("gelu_and_mul", x, x, approximate)
+
+
+@gelu_and_mul.register_fake
+def _(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("fxkiln::rotary_cos_sin", mutates_args=())
+def rotary_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (the neox form), cos and sin broadcast against x.
+
+    Takes the cos/sin tensors a model computed, not positions and a table: Hugging Face
+    models build them in the graph with their own frequency scaling, once per forward."""
+    return _dispatch("rotary_cos_sin", x, x, cos, sin)
+
+
+@rotary_cos_sin.register_fake
+def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    return x.new_empty(x.shape, dtype=dtype)
 
 
 @torch.library.custom_op("fxkiln::rotary_embedding", mutates_args=())

@@ -2,29 +2,30 @@
 
 The runner installs one PieceRunner per piece in place of the `submod_i` submodules, so the
 split module's own forward drives the pieces in their original order. What a PieceRunner does
-on each call depends on the runner's state: run the piece eagerly, capture a graph of it for
-the current bucket, or replay that graph. Pieces with splitting ops (attention) always run
+on each call is what the call's step descriptor says (`runtime.step.current_step()`): run the
+piece eagerly, warm it up, capture a graph of it for the step's key (a bucket size or an
+input-shape signature), or replay that graph. Pieces with splitting ops (attention) always run
 eagerly.
 
 A captured graph reads its inputs from the addresses they had at capture. Inputs that come
 from the split module's placeholders (static token buffers, weights) or from pieces captured
-for the same bucket keep their addresses; inputs from eagerly run pieces are fresh tensors each
+for the same key keep their addresses; inputs from eagerly run pieces are fresh tensors each
 call, so each is copied into a buffer the graph owns before replay.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import operator
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import fx
 
+from runtime.graph_device import CapturedGraph, CaptureOptions, GraphDevice
 from runtime.split import Piece, SplitGraph
+from runtime.step import StepMode, current_step
 
 logger = logging.getLogger(__name__)
 
@@ -37,39 +38,12 @@ class StaticInputError(RuntimeError):
     """(debug mode) A graph was replayed with an input that is not the one it was captured with."""
 
 
-class Mode(enum.Enum):
-    EAGER = "eager"
-    WARMUP = "warmup"    # eager, with host synchronization refused in pieces to be captured
-    CAPTURE = "capture"
-    REPLAY = "replay"
-
-
-@dataclass
-class RunState:
-    """What the pieces should do on their next call; set by the runner around each forward."""
-
-    mode: Mode = Mode.EAGER
-    bucket: int = 0
-
-
-class CapturedGraph(Protocol):
-    """A device graph of one piece for one bucket: `replay()` refreshes `outputs` in place."""
-
-    outputs: Any
-
-    def replay(self) -> None: ...
-
-
-class GraphHost(Protocol):
+class PieceHost(Protocol):
     """What a PieceRunner needs from its model runner."""
 
-    debug: bool
-    capture_failure: str
-
-    def capture_graph(self, piece: Piece, args: Sequence[Any], run: Callable[..., Any],
-                      is_last: bool) -> tuple[CapturedGraph, Any]: ...
-
-    def refuse_host_sync(self) -> AbstractContextManager[Any]: ...
+    graph_device: GraphDevice
+    options: CaptureOptions
+    host_scalars: frozenset[int]  # data pointers of inputs a capture may read on the host
 
 
 @dataclass
@@ -99,73 +73,74 @@ class NodeTracker(fx.Interpreter):
 
 
 class PieceRunner(torch.nn.Module):
-    """Eager run, capture or replay of one piece, as the shared RunState says."""
+    """Eager run, warm-up, capture or replay of one piece, as the call's step says."""
 
-    def __init__(self, piece: Piece, host: GraphHost, state: RunState,
+    def __init__(self, piece: Piece, host: PieceHost,
                  producers: tuple[PieceRunner | None, ...], is_last: bool) -> None:
         super().__init__()
         self.piece = piece
         self.graph_module = piece.graph_module
-        self.entries: dict[int, GraphEntry] = {}
+        self.entries: dict[Hashable, GraphEntry] = {}
         self.capture_disabled = piece.is_splitting
         self.is_last = is_last
         self._host = host
-        self._state = state
         self._producers = producers
         self._placeholders = tuple(piece.graph_module.graph.find_nodes(op="placeholder"))
         self._arg_names = tuple(n.name for n in self._placeholders)
 
     def __call__(self, *args: Any) -> Any:  # skips nn.Module's hook machinery on the hot path
-        state = self._state
-        if state.mode is Mode.REPLAY:
-            entry = self.entries.get(state.bucket)
+        step = current_step()
+        if step.mode is StepMode.PIECEWISE:
+            entry = self.entries.get(step.key)
             if entry is not None:
                 return self._replay(entry, args)
-        elif state.mode is Mode.CAPTURE and not self.capture_disabled:
-            return self._capture(state.bucket, args)
-        elif state.mode is Mode.WARMUP and not self.capture_disabled:
-            return self._warm_up(state.bucket, args)
+        elif step.mode is StepMode.CAPTURE and not self.capture_disabled:
+            return self._capture(step.key, args)
+        elif step.mode is StepMode.WARMUP and not self.capture_disabled:
+            return self._warm_up(step.key, args)
         return self.graph_module(*args)
 
-    def _warm_up(self, bucket: int, args: tuple[Any, ...]) -> Any:
+    def _warm_up(self, key: Hashable, args: tuple[Any, ...]) -> Any:
         """Run eagerly, refusing host synchronization: a piece that syncs cannot be captured,
         and finding that out here, before any capture begins, leaves the device state clean
         (an aborted stream capture can leave the allocator and the RNG mid-capture)."""
         tracker = NodeTracker(self.graph_module)
         try:
-            with self._host.refuse_host_sync():
+            with self._host.graph_device.refuse_host_sync():
                 return tracker(*args)
         except Exception as error:  # noqa: BLE001  (any failure is reported with its node)
-            return self._capture_failed(bucket, args, tracker.node, error)
+            return self._capture_failed(key, args, tracker.node, error)
 
     def _replay(self, entry: GraphEntry, args: tuple[Any, ...]) -> Any:
         for index, buffer in entry.copy_into:
             buffer.copy_(args[index])
-        if self._host.debug:
+        if self._host.options.debug:
             self._check_static_args(entry, args)
         entry.graph.replay()
         return entry.graph.outputs
 
-    def _capture(self, bucket: int, args: tuple[Any, ...]) -> Any:
+    def _capture(self, key: Hashable, args: tuple[Any, ...]) -> Any:
         staged = list(args)
         copy_into = []
         tracker = NodeTracker(self.graph_module)
         for index, (value, producer) in enumerate(zip(args, self._producers)):
-            if producer is None or bucket in producer.entries:
+            if producer is None or key in producer.entries:
                 continue  # a placeholder of the model, or a graph output: a fixed address
             if not isinstance(value, torch.Tensor):
                 error = ValueError(f"input {self._arg_names[index]!r} is {value!r}, computed by "
                                    f"the eagerly run piece {producer.piece.name!r}; a graph "
                                    f"would freeze it")
-                return self._capture_failed(bucket, args, self._placeholder(index), error)
+                return self._capture_failed(key, args, self._placeholder(index), error)
             staged[index] = buffer = value.clone()  # an eager piece's output: fresh each call
             copy_into.append((index, buffer))
         try:
-            graph, outputs = self._host.capture_graph(self.piece, staged, tracker, self.is_last)
+            graph, outputs = self._host.graph_device.capture_graph(
+                tracker, staged, key=key, keep_outputs=self.is_last,
+                host_scalars=self._host.host_scalars)
         except Exception as error:  # noqa: BLE001  (any failure is reported with its node)
-            return self._capture_failed(bucket, args, tracker.node, error)
+            return self._capture_failed(key, args, tracker.node, error)
         copied = {index for index, _ in copy_into}
-        self.entries[bucket] = GraphEntry(
+        self.entries[key] = GraphEntry(
             graph=graph, copy_into=tuple(copy_into),
             addresses=tuple((i, v.data_ptr()) for i, v in enumerate(staged)
                             if isinstance(v, torch.Tensor) and i not in copied),
@@ -173,12 +148,13 @@ class PieceRunner(torch.nn.Module):
         )
         return outputs
 
-    def _capture_failed(self, bucket: int, args: tuple[Any, ...], node: fx.Node | None,
+    def _capture_failed(self, key: Hashable, args: tuple[Any, ...], node: fx.Node | None,
                         error: Exception) -> Any:
         where = node.format_node() if node is not None else "(before its first node)"
-        message = (f"could not capture piece {self.piece.name!r} for {bucket} tokens as a graph: "
+        what = f"{key} tokens" if isinstance(key, int) else f"signature {key}"
+        message = (f"could not capture piece {self.piece.name!r} for {what} as a graph: "
                    f"node {where} raised {type(error).__name__}: {error}")
-        if self._host.capture_failure == "raise":
+        if self._host.options.capture_failure == "raise":
             raise PieceCaptureError(f"{message}. Expected a piece free of host synchronization; "
                                     f"set capture_failure='eager' to run it eagerly") from error
         logger.warning("%s; running piece %r eagerly from now on", message, self.piece.name)
@@ -212,8 +188,7 @@ def _producer_name(node: Any) -> str | None:
     return str(node.target) if node.op == "call_module" else None
 
 
-def install_piece_runners(split: SplitGraph, host: GraphHost,
-                          state: RunState) -> tuple[PieceRunner, ...]:
+def install_piece_runners(split: SplitGraph, host: PieceHost) -> tuple[PieceRunner, ...]:
     """Replace each `submod_i` of the split module with a PieceRunner; returns them in order."""
     top = split.split_module
     calls = {str(n.target): n for n in top.graph.find_nodes(op="call_module")}
@@ -222,7 +197,7 @@ def install_piece_runners(split: SplitGraph, host: GraphHost,
         call = calls[piece.name]
         producers = tuple(runners[name] if (name := _producer_name(arg)) else None
                           for arg in call.args)
-        runners[piece.name] = PieceRunner(piece, host, state, producers,
+        runners[piece.name] = PieceRunner(piece, host, producers,
                                           is_last=position == len(split.pieces) - 1)
         setattr(top, piece.name, runners[piece.name])
     return tuple(runners.values())

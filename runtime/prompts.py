@@ -25,25 +25,23 @@ PromptsInput = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
 @dataclass(frozen=True)
 class Request:
     """A checked request: one 1-D prompt per sequence (and encoder input, for
-    encoder-decoder models), all on `device`."""
+    encoder-decoder models: 1-D token ids, or features such as Whisper's (mel bins, frames)),
+    all on `device`. `encoder_lens`: encoder tokens per sequence, as the model counts them."""
 
     prompts: tuple[torch.Tensor, ...]
     encoder_inputs: tuple[torch.Tensor, ...] | None
+    encoder_lens: list[int] | None
     device: torch.device
 
     @property
     def prompt_lens(self) -> list[int]:
         return [p.shape[0] for p in self.prompts]
 
-    @property
-    def encoder_lens(self) -> list[int] | None:
-        return None if self.encoder_inputs is None else [e.shape[0] for e in self.encoder_inputs]
-
 
 def prepare_request(model: Any, input_ids: PromptsInput | None,
                     attention_mask: torch.Tensor | None, encoder_input_ids: PromptsInput | None,
                     encoder_attention_mask: torch.Tensor | None,
-                    max_new_tokens: Any) -> Request:
+                    max_new_tokens: Any, input_features: torch.Tensor | None = None) -> Request:
     """`generate`'s inputs as a `Request`, or a ValueError before any work (see the module)."""
     check_max_new_tokens(max_new_tokens)
     config = getattr(model, "config", None)
@@ -51,39 +49,68 @@ def prepare_request(model: Any, input_ids: PromptsInput | None,
     max_positions = getattr(config, "max_position_embeddings", None)
     encoder_inputs = None
     if model.is_encoder_decoder:
-        if encoder_input_ids is None:
-            raise ValueError("generate: an encoder-decoder model needs encoder_input_ids "
-                             "(a (batch, source_len) tensor or a list of 1-D inputs), found None")
-        encoder_inputs = as_prompts("encoder_input_ids", encoder_input_ids,
-                                    encoder_attention_mask, getattr(model, "device", None))
-        check_ids("encoder_input_ids", encoder_inputs, vocab_size)
-        check_lengths("encoder_input_ids", [e.shape[0] for e in encoder_inputs], max_positions)
+        encoder_inputs = _encoder_inputs(model, encoder_input_ids, encoder_attention_mask,
+                                         input_features)
         if input_ids is None:
             start = getattr(model, "decoder_start_token_id", None)
             if start is None:
                 raise ValueError("generate: input_ids is None and the model has no "
                                  "decoder_start_token_id")
-            input_ids = [encoder_inputs[0].new_full((1,), start) for _ in encoder_inputs]
-    elif encoder_input_ids is not None or encoder_attention_mask is not None:
-        raise ValueError("generate: encoder_input_ids given to a decoder-only model")
+            input_ids = [torch.full((1,), start, dtype=torch.long, device=e.device)
+                         for e in encoder_inputs]
+    elif encoder_input_ids is not None or encoder_attention_mask is not None \
+            or input_features is not None:
+        raise ValueError("generate: encoder_input_ids or input_features given to a "
+                         "decoder-only model")
     if input_ids is None:
         raise ValueError("generate: expected input_ids (a (batch, length) tensor or a list of "
                          "1-D prompts), found None")
     device = encoder_inputs[0].device if encoder_inputs else getattr(model, "device", None)
     prompts = as_prompts("input_ids", input_ids, attention_mask, device)
     if encoder_inputs is not None and len(encoder_inputs) != len(prompts):
-        raise ValueError(f"generate: input_ids has {len(prompts)} prompts but "
-                         f"encoder_input_ids has {len(encoder_inputs)}")
+        raise ValueError(f"generate: input_ids has {len(prompts)} prompts but the encoder "
+                         f"input has {len(encoder_inputs)}")
     check_ids("input_ids", prompts, vocab_size)
     check_lengths("input_ids", [p.shape[0] for p in prompts], max_positions, max_new_tokens)
     device = prompts[0].device
-    for name, tensors in (("input_ids", prompts), ("encoder_input_ids", encoder_inputs or [])):
+    for name, tensors in (("input_ids", prompts), ("encoder input", encoder_inputs or [])):
         for index, tensor in enumerate(tensors):
             if tensor.device != device:
-                raise ValueError(f"generate: {name} prompt {index} is on {tensor.device}; "
+                raise ValueError(f"generate: {name} {index} is on {tensor.device}; "
                                  f"expected every input on {device} (the first prompt's)")
+    encoder_lens = (None if encoder_inputs is None else
+                    [model.encoder_length(e.unsqueeze(0)) for e in encoder_inputs])
     return Request(tuple(prompts), None if encoder_inputs is None else tuple(encoder_inputs),
-                   device)
+                   encoder_lens, device)
+
+
+def _encoder_inputs(model: Any, encoder_input_ids: PromptsInput | None,
+                    encoder_attention_mask: torch.Tensor | None,
+                    input_features: torch.Tensor | None) -> list[torch.Tensor]:
+    """An encoder-decoder model's encoder input per sequence: 1-D token ids (checked against
+    the vocabulary and positions), or one row of `input_features` (batch, ...) each."""
+    if input_features is not None:
+        if encoder_input_ids is not None or encoder_attention_mask is not None:
+            raise ValueError("generate: expected encoder_input_ids or input_features, found "
+                             "both")
+        if not isinstance(input_features, torch.Tensor) or input_features.dim() < 2 \
+                or input_features.shape[0] == 0:
+            found = (tuple(input_features.shape) if isinstance(input_features, torch.Tensor)
+                     else type(input_features).__name__)
+            raise ValueError(f"generate: input_features: expected a (batch, ...) tensor of at "
+                             f"least one sequence's features, found {found}")
+        return list(input_features.unbind(0))
+    if encoder_input_ids is None:
+        raise ValueError("generate: an encoder-decoder model needs encoder_input_ids "
+                         "(a (batch, source_len) tensor or a list of 1-D inputs) or "
+                         "input_features, found neither")
+    config = getattr(model, "config", None)
+    inputs = as_prompts("encoder_input_ids", encoder_input_ids, encoder_attention_mask,
+                        getattr(model, "device", None))
+    check_ids("encoder_input_ids", inputs, getattr(config, "vocab_size", None))
+    check_lengths("encoder_input_ids", [e.shape[0] for e in inputs],
+                  getattr(config, "max_position_embeddings", None))
+    return inputs
 
 
 def as_prompts(name: str, ids: PromptsInput, attention_mask: torch.Tensor | None,

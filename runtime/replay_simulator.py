@@ -11,8 +11,9 @@ fail CPU tests too:
   output tensors of the capture run, which every replay returns;
 - capture runs the piece under a guard that rejects host synchronization (`.item()`,
   `nonzero`, ...), which a CUDA graph cannot record;
-- memory that a CUDA graph pool may hand to other buckets is clobbered before each forward of
-  a different bucket (outputs of every piece but the last that do not alias the piece's inputs);
+- memory that a CUDA graph pool may hand to other keys (buckets, signatures) is clobbered before
+  each forward of a different key (outputs of every piece but the last that do not alias the
+  piece's inputs);
 - padding rows of float token inputs get fresh random values before each replay (where a CUDA
   runner leaves stale data), so padding that leaks into real outputs changes them.
 
@@ -21,16 +22,14 @@ Not simulated: Python-level decisions inside a captured piece are made again at 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from runtime.piece_runner import CapturedGraph
-from runtime.runner import ModelRunnerBase
-from runtime.split import Piece
+from runtime.graph_device import CapturedGraph, GraphDevice
 
 aten = torch.ops.aten
 
@@ -91,42 +90,48 @@ class SimulatedGraph:
         assert len(fresh) == len(kept), "a piece's outputs changed structure between runs"
         for old, new in zip(kept, fresh):
             if isinstance(old, torch.Tensor) and old is not new:
-                old.copy_(new)
+                _overwrite(old, new)
+
+
+def _overwrite(old: torch.Tensor, new: torch.Tensor) -> None:
+    """`old.copy_(new)`, also for a broadcast `old` (stride 0: one element, many places)."""
+    for dim, stride in enumerate(old.stride()):
+        if stride == 0 and old.shape[dim] > 1:
+            old, new = old.narrow(dim, 0, 1), new.narrow(dim, 0, 1)
+    old.copy_(new)
 
 
 def _storages(values: Sequence[Any]) -> set[int]:
     return {v.untyped_storage().data_ptr() for v in values if isinstance(v, torch.Tensor)}
 
 
-class ReplaySimulatorRunner(ModelRunnerBase):
-    """ModelRunnerBase with simulated graphs on the runner's device; see the module docstring."""
+class SimulatedGraphDevice(GraphDevice):
+    """Simulated graphs on any device; see the module docstring."""
 
     uses_graphs = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._pool: list[tuple[int, torch.Tensor]] = []  # (bucket, reusable output tensor)
-        super().__init__(*args, **kwargs)
-        self._host_scalars = frozenset(
-            x.data_ptr() for i, x in enumerate(self._inputs.example_inputs)
-            if isinstance(x, torch.Tensor) and x.dim() == 0 and not self._inputs.is_token_input(i))
+    def __init__(self, device: torch.device | str) -> None:
+        self._pool: list[tuple[Hashable, torch.Tensor]] = []  # (key, reusable output tensor)
+        super().__init__(device)
 
-    def capture_graph(self, piece: Piece | None, args: Sequence[Any], run: Callable[..., Any],
-                      is_last: bool) -> tuple[CapturedGraph, Any]:
-        with HostSyncGuard(self._host_scalars):
+    def capture_graph(self, run: Callable[..., Any], args: Sequence[Any], *, key: Hashable,
+                      keep_outputs: bool, host_scalars: frozenset[int] = frozenset(),
+                      ) -> tuple[CapturedGraph, Any]:
+        with HostSyncGuard(host_scalars):
             outputs = run(*args)
-        if not is_last:
+        if not keep_outputs:
             inputs = _storages(args)
             self._pool.extend(
-                (self._state.bucket, leaf) for leaf in pytree.tree_leaves(outputs)
+                (key, leaf) for leaf in pytree.tree_leaves(outputs)
                 if isinstance(leaf, torch.Tensor)
                 and leaf.untyped_storage().data_ptr() not in inputs)
         return SimulatedGraph(run, args, outputs), outputs
 
-    def _fill_padding(self, padding: torch.Tensor) -> None:
+    def fill_padding(self, padding: torch.Tensor) -> None:
         if padding.is_floating_point() or padding.is_complex():
             padding.normal_()  # finite, as stale data is: masked reads (0 * pad) stay exact
 
-    def _before_replay(self, bucket: int) -> None:
+    def before_replay(self, key: Hashable) -> None:
         for owner, tensor in self._pool:
-            if owner != bucket:
+            if owner != key:
                 clobber(tensor)

@@ -45,6 +45,13 @@ class GenerationModel(Protocol):
 
     def attention_specs(self) -> Mapping[str, AttentionSpec]: ...
 
+    # encoder inputs: see runtime.serving.ServingModel, which defines them for token ids
+    def encoder_length(self, encoder_input: torch.Tensor) -> int: ...
+
+    def encoder_step_inputs(self, encoder_input: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def no_encoder_inputs(self, device: torch.device | str) -> tuple[torch.Tensor, ...]: ...
+
 
 def find_generation_model(model: Any) -> GenerationModel:
     """`model` if it describes itself (`GenerationModel`), else `model.model`; TypeError if neither."""
@@ -73,7 +80,7 @@ class DecodeSession:
                  encoder_len: int | Sequence[int] | None = None,
                  device: torch.device | str = "cpu") -> None:
         spec_model = find_generation_model(model)
-        self.model = model
+        self.model, self.spec_model = model, spec_model
         self.batch = batch
         self.device = torch.device(device)
         self.prompt_lens = _per_sequence("prompt_len", prompt_len, batch)
@@ -203,30 +210,32 @@ class DecodeSession:
             tables = tables[device_rows]                                   # (running, max_len)
             encoder_tables = None if encoder_tables is None else encoder_tables[device_rows]
         positions = torch.full((len(host_rows),), context, dtype=torch.long, device=self.device)
-        no_encoder_tokens = tokens.new_empty((0,))
-        encoder_inputs = (no_encoder_tokens, no_encoder_tokens) if encoder_tables is not None \
-            else ()
+        encoder_inputs = (self.spec_model.no_encoder_inputs(self.device)
+                          if encoder_tables is not None else ())
         metadata = step_metadata(tables, 1, context + 1, encoder_tables, 0)
         return self._step(metadata, tokens, positions, encoder_inputs)
 
     def _encoder_step(self, rows: list[int], device_rows: torch.Tensor | None,
-                      encoder_input_ids: Mapping[int, torch.Tensor],
+                      encoder_inputs: Mapping[int, torch.Tensor],
                       metadata: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        """The encoder side of a step's metadata (into `metadata`) and the encoder inputs."""
+        """The encoder side of a step's metadata (into `metadata`) and forward's encoder inputs:
+        the model's (`encoder_step_inputs`) for the rows that start here, concatenated."""
         layout = self.encoder_layout
         if layout is None:
             return ()
-        starting = [r for r in rows if r in encoder_input_ids]
-        positions, slots = encoder_step_tensors(layout, starting, self.device)
-        counts = [layout.lengths[r] if r in encoder_input_ids else 0 for r in rows]
+        starting = [r for r in rows if r in encoder_inputs]
+        _, slots = encoder_step_tensors(layout, starting, self.device)
+        counts = [layout.lengths[r] if r in encoder_inputs else 0 for r in rows]
         metadata.update(
             encoder_query_start_loc=(0, *itertools.accumulate(counts)),
             encoder_seq_lens=tuple(layout.lengths[r] for r in rows), encoder_slot_mapping=slots,
             encoder_slot_tables=(layout.tables if device_rows is None
                                  else layout.tables[device_rows]))
-        ids = ([encoder_input_ids[r].reshape(-1) for r in starting] or
-               [torch.empty(0, dtype=torch.long, device=self.device)])
-        return torch.cat(ids), positions
+        if not starting:
+            return self.spec_model.no_encoder_inputs(self.device)
+        per_row = [self.spec_model.encoder_step_inputs(encoder_inputs[r].unsqueeze(0))
+                   for r in starting]
+        return tuple(torch.cat(parts) for parts in zip(*per_row))
 
     def _check_step(self, rows: list[int], counts: list[int],
                     encoder_input_ids: Mapping[int, torch.Tensor]) -> None:
@@ -246,10 +255,10 @@ class DecodeSession:
                                  f"its encoder input on its first step and only then; found "
                                  f"{'none' if given is None else 'one'} at context "
                                  f"{self.context_lens[row]}")
-            if given is not None and given.numel() != self.encoder_lens[row]:
+            found = None if given is None else self.spec_model.encoder_length(given.unsqueeze(0))
+            if found is not None and found != self.encoder_lens[row]:
                 raise ValueError(f"step: sequence {row}: expected {self.encoder_lens[row]} "
-                                 f"encoder tokens (the session's encoder_len), found "
-                                 f"{given.numel()}")
+                                 f"encoder tokens (the session's encoder_len), found {found}")
 
     def _device_rows(self, rows: list[int]) -> torch.Tensor:
         """`rows` as an int64 tensor on the device (the last one is kept: rows change rarely)."""

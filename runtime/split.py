@@ -103,6 +103,16 @@ def is_splitting_node(node: fx.Node, keys: Collection[Any]) -> bool:
         return False
 
 
+# Ops that read per-step metadata on the host (the forward context): no graph may hold them.
+HOST_METADATA_OPS: tuple[str, ...] = ("fxkiln::attention",)
+
+
+def reads_host_metadata(gm: fx.GraphModule) -> bool:
+    """Whether `gm` holds an op that reads per-step metadata on the host (fxkiln's attention)."""
+    keys = {op_key(op) for op in HOST_METADATA_OPS}
+    return any(is_splitting_node(node, keys) for node in gm.graph.nodes)
+
+
 def split_graph(gm: fx.GraphModule,
                 splitting_ops: Collection[str | Callable[..., Any]] = DEFAULT_SPLITTING_OPS,
                 ) -> SplitGraph:

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from runtime.forward_context import AttentionMetadata, set_forward_context
+from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from runtime.kv_cache import AttentionSpec, LayerKVCache, allocate_kv_caches
 
 
@@ -50,6 +50,12 @@ class StaticDecodeState:
         self._lock = threading.Lock()
         self._leased = False
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV caches (K and V of every cached layer)."""
+        return sum(t.numel() * t.element_size() for cache in self.kv_caches.values()
+                   for t in (cache.key, cache.value) if t is not None)
+
     # -- capture ----------------------------------------------------------------------------
     def capture_context(self, rows: int) -> AbstractContextManager[object]:
         """The forward context of a captured decode step of `rows` token rows: every row reads
@@ -68,6 +74,12 @@ class StaticDecodeState:
             seq_lens_tensor=self.seq_lens[:rows], static_decode=True, **encoder)
 
     # -- each replayed step -----------------------------------------------------------------
+    def serves(self, context: ForwardContext | None, rows: int) -> bool:
+        """Whether a step run in `context` uses these caches and, padded to `rows` rows, can
+        replay a captured decode step."""
+        return context is not None and context.kv_caches is self.kv_caches \
+            and self.accepts(context.attn_metadata, rows)
+
     def accepts(self, meta: AttentionMetadata, rows: int) -> bool:
         """Whether a step with `meta`, padded to `rows` rows, can replay a captured decode step."""
         if meta.static_decode or not meta.is_decode or meta.num_seqs > rows \

@@ -1,4 +1,5 @@
-"""Helpers for pass tests: trace like compile_model does, count ops, print graph bodies."""
+"""The tests' one way to trace (as compile_model does), and reading graphs: op counts, bodies,
+attention nodes, the propagated output."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,14 +9,28 @@ from typing import Any
 import torch
 from torch import fx
 
+import runtime.attention  # noqa: F401  (registers torch.ops.fxkiln.attention)
 from compiler.capture import symbolic_propagator, symbolic_trace
 
 
-def trace(module: torch.nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
-    """symbolic_trace plus shape propagation with a symbolic token dimension."""
+def trace(module: torch.nn.Module, inputs: Sequence[Any] | None = None) -> fx.GraphModule:
+    """compile_model's capture: symbolic_trace through every submodule, then (given `inputs`)
+    fake-tensor shape propagation with dim 0 of each tensor input symbolic (meta["val"])."""
     gm = symbolic_trace(module)
-    symbolic_propagator(tuple(inputs))(gm)
+    if inputs is not None:
+        symbolic_propagator(tuple(inputs))(gm)
     return gm
+
+
+def output_value(gm: fx.GraphModule) -> Any:
+    """The propagated value (FakeTensors, symbolic dim 0) of what the graph returns."""
+    (output,) = gm.graph.find_nodes(op="output")
+    return fx.node.map_arg(output.args[0], lambda node: node.meta["val"])
+
+
+def attention_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [node for node in gm.graph.nodes
+            if node.op == "call_function" and node.target is torch.ops.fxkiln.attention.default]
 
 
 def op_counts(gm: fx.GraphModule) -> Counter[str]:

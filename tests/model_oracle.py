@@ -6,14 +6,12 @@ is deterministic given (kind, seed, config overrides).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import torch
 import transformers
 
-from runtime.generation import DecodeSession
+from runtime.generation import DecodeSession, find_generation_model
 
 LLAMA_BASE: dict[str, Any] = dict(
     vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -114,20 +112,10 @@ def step_logits(model: Any, prompt: torch.Tensor, continuation: torch.Tensor,
     continuation token (through the KV cache): (batch, prompt_len + steps, vocab), the layout of
     `hf_logits`."""
     batch, prompt_len = prompt.shape
-    encoder_len = None if encoder_ids is None else encoder_ids.shape[1]
+    encoder_len = (None if encoder_ids is None
+                   else find_generation_model(model).encoder_length(encoder_ids))
     session = DecodeSession(model, batch, prompt_len, continuation.shape[1], encoder_len,
                             prompt.device)
     outputs = [session.prefill(prompt, encoder_ids)]
     outputs += [session.decode(tokens).unsqueeze(1) for tokens in continuation.unbind(dim=1)]
     return torch.cat(outputs, dim=1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: intra-op threads only contend (measured: a BART
-    test step 2.7 s with the default threads under load, 0.03 s with one). Import this fixture
-    into a test module to apply it there."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -101,4 +101,4 @@ class CompiledLike:
         self.runner = runner
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.runner(*inputs)  # type: ignore[operator]  (a ModelRunnerBase)
+        return self.runner(*inputs)  # type: ignore[operator]  (a BucketRunner)

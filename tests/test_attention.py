@@ -6,13 +6,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import fx
 
 from models.layers import Attention
 from runtime.forward_context import AttentionMetadata, set_forward_context
 from runtime.kv_cache import AttentionKind, AttentionSpec, LayerKVCache, allocate_kv_caches
-from tests.model_oracle import one_torch_thread  # noqa: F401  (an autouse fixture)
-from tests.tracing import attention_nodes, fake_propagate
+from tests.fx_helpers import attention_nodes, output_value, trace
 
 LAYER = "layer"
 
@@ -172,10 +170,9 @@ def test_attention_layer_traces_to_one_op_node_that_survives_dead_code_eliminati
         def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             return self.attn(q, kv, kv) * 2
 
-    gm = fx.symbolic_trace(Block())
+    gm = trace(Block(), (torch.randn(3, 32), torch.randn(3, 16)))
     gm.graph.eliminate_dead_code()
     (node,) = attention_nodes(gm)
     assert node.args[4] == "blocks.0.attn"
     assert node.args[3].target is torch.empty_like  # the output buffer is allocated before the op
-    out = fake_propagate(gm, (torch.randn(3, 32), torch.randn(3, 16)))
-    assert out.shape[1] == 32
+    assert output_value(gm).shape[1] == 32

@@ -46,7 +46,9 @@ def test_finalize_ratios_bound_targets_and_agreement() -> None:
     assert rows[("llama-1b", "hf-eager", 8)]["speedup_over"] == {}  # no peer at that batch
     met = {name: target["met"] for name, target in result["targets"].items()}
     assert met == {"bart-large batch 1: fxkiln-graphs over hf-eager": True,
-                   "bart-large batch 1: fxkiln-graphs over hf-compile": True}
+                   "bart-large batch 1: fxkiln-graphs over hf-compile": True,
+                   "bart-large batch 1: hf-fxkiln over hf-compile-reduce-overhead": None,
+                   "llama-1b batch 1: hf-fxkiln over hf-compile-reduce-overhead": None}
     again = report.finalize(result)  # idempotent: fingerprints gone, figures unchanged
     assert again["rows"][0].get("argmax_agreement") == result["rows"][0].get("argmax_agreement")
 
@@ -85,6 +87,23 @@ def test_table_shows_failures_and_ratios() -> None:
     assert "| 3.000 | 3.00x |" in graphs_line and "| 16.7% |" in graphs_line  # 0.5 ms of 3 ms
     assert any("hf-compile-reduce-overhead | failed |" in line for line in lines)
     assert lines[-1].endswith("`RuntimeError: CUDA graph capture failed`")
+
+
+def test_graph_built_rows_are_compared_with_the_hand_written_ones() -> None:
+    """hf-serving rows: the hand-written model's step over theirs, parity within 10% or not."""
+    result = report.finalize({"rows": [
+        ok_row("fxkiln-graphs", 1, 2.0), ok_row("hf-serving-graphs", 1, 2.1),
+        ok_row("fxkiln-passes", 8, 10.0), ok_row("hf-serving-passes", 8, 12.0),
+        ok_row("hf-serving-graphs", 8, 1.0)]})  # no hand-written row at batch 8: no parity
+    rows = {report.row_key(row): row for row in result["rows"]}
+    assert rows[("bart-large", "hf-serving-graphs", 1)]["vs_hand_written"] == pytest.approx(2 / 2.1)
+    assert "vs_hand_written" not in rows[("bart-large", "hf-serving-graphs", 8)]
+    assert {name: entry["met"] for name, entry in result["parity"].items()} == {
+        "bart-large batch 1: hf-serving-graphs vs fxkiln-graphs": True,
+        "bart-large batch 8: hf-serving-passes vs fxkiln-passes": False}
+    lines = report.table(result).splitlines()
+    assert lines[-1] == ("- bart-large batch 8: hf-serving-passes vs fxkiln-passes: 0.83x "
+                         "(missed: at most 10% slower)")
 
 
 def test_load_results_merges_files() -> None:

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU = CompileConfig(device="cpu")
 
 
+@pytest.mark.slow
 @given(case=models(), example_tokens=st.integers(1, 16), tokens=st.lists(st.integers(1, 40),
                                                                          min_size=1, max_size=3))
 def test_compiled_equals_eager_on_random_models(case: ModelCase, example_tokens: int,
@@ -33,7 +34,7 @@ def test_compiled_equals_eager_on_random_models(case: ModelCase, example_tokens:
 
 
 def test_report_counts_flops_and_weight_bytes() -> None:
-    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4, bias=False))
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4, bias=False)).eval()
     compiled = compile_model(model, (torch.randn(5, 6),), CPU)
     report = compiled.report
     assert report.flops_before == report.flops_after == 2 * 5 * (6 * 10 + 10 * 4)
@@ -57,7 +58,7 @@ class ShapeBranch(nn.Module):
 
 
 def test_untraceable_model_goes_through_dynamo() -> None:
-    model = ShapeBranch()
+    model = ShapeBranch().eval()
     compiled = compile_model(model, (torch.randn(5, 4),), CPU)
     assert compiled.report.frontend == "dynamo"
     for tokens in (3, 9):
@@ -74,7 +75,7 @@ class DataBranch(nn.Module):
 
 def test_graph_break_is_an_error_naming_the_line() -> None:
     with pytest.raises(GraphBreakError) as info:
-        compile_model(DataBranch(), (torch.randn(3, 4),), CPU)
+        compile_model(DataBranch().eval(), (torch.randn(3, 4),), CPU)
     message = str(info.value)
     assert "DataBranch" in message
     assert f"{Path(__file__).name}:" in message  # file:line of the branch
@@ -83,18 +84,18 @@ def test_graph_break_is_an_error_naming_the_line() -> None:
 
 def test_missing_example_inputs_and_wrong_device_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="has no example_inputs"):
-        compile_model(nn.Linear(2, 2), None, CPU)
+        compile_model(nn.Linear(2, 2).eval(), None, CPU)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            compile_model(nn.Linear(2, 2), (torch.randn(1, 2),), CompileConfig(device="cuda"))
+            compile_model(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), CompileConfig(device="cuda"))
     else:
         with pytest.raises(ValueError, match="is on cpu"):
-            compile_model(nn.Linear(2, 2), (torch.randn(1, 2),), CompileConfig(device="cuda"))
+            compile_model(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), CompileConfig(device="cuda"))
 
 
 def test_backend_with_custom_config_through_torch_compile() -> None:
     backend = compiler.backend(CompileConfig(device="cpu", passes=("cleanup",)))
-    model = ShapeBranch()
+    model = ShapeBranch().eval()
     optimized = torch.compile(model, backend=backend)
     x = torch.randn(6, 4)
     torch.testing.assert_close(optimized(x), model(x))
@@ -109,6 +110,7 @@ def test_backend_by_name_after_import() -> None:
     torch.testing.assert_close(optimized(x), model(x))
 
 
+@pytest.mark.slow
 def test_backend_by_name_in_a_fresh_process_without_importing_compiler() -> None:
     try:
         distribution = importlib.metadata.distribution("fxkiln")
@@ -148,7 +150,8 @@ def _tiny_llama() -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-@settings(max_examples=3)
+@pytest.mark.slow
+@settings(max_examples=2)  # each example is a Dynamo compile of the model
 @given(batch=st.integers(1, 3), length=st.integers(2, 9))
 def test_hugging_face_bart_compiles_and_matches_eager(batch: int, length: int) -> None:
     model = _tiny_bart()
@@ -161,7 +164,8 @@ def test_hugging_face_bart_compiles_and_matches_eager(batch: int, length: int) -
     torch.testing.assert_close(compiled(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-@settings(max_examples=3)
+@pytest.mark.slow
+@settings(max_examples=2)  # each example is a Dynamo compile of the model
 @given(batch=st.integers(1, 3), length=st.integers(2, 9))
 def test_hugging_face_llama_compiles_and_matches_eager(batch: int, length: int) -> None:
     model = _tiny_llama()

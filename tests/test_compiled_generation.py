@@ -11,7 +11,7 @@ import torch
 from compiler import CompileConfig, compile_model
 from models import from_hf
 from runtime import generate
-from runtime.replay_simulator import ReplaySimulatorRunner
+from runtime.replay_simulator import SimulatedGraphDevice
 from tests.generation_helpers import RecordingModel, finish_at_eos, finish_steps, staggered_eos
 from tests.model_oracle import build_hf, hf_generate_eos, random_ids
 
@@ -25,13 +25,13 @@ EAGER_WARNING = "more than the largest captured size"
 def replayed_buckets(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The bucket of every replayed forward of a simulated runner, in order."""
     buckets: list[int] = []
-    before_replay = ReplaySimulatorRunner._before_replay
+    before_replay = SimulatedGraphDevice.before_replay
 
-    def recording(runner: ReplaySimulatorRunner, bucket: int) -> None:
+    def recording(device: SimulatedGraphDevice, bucket: int) -> None:
         buckets.append(bucket)
-        before_replay(runner, bucket)
+        before_replay(device, bucket)
 
-    monkeypatch.setattr(ReplaySimulatorRunner, "_before_replay", recording)
+    monkeypatch.setattr(SimulatedGraphDevice, "before_replay", recording)
     return buckets
 
 

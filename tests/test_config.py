@@ -1,13 +1,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compiler import CompileConfig
+from passes import PASSES
+from runtime.registry import kernel_implementations, kernel_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"device": "mps"}, "expected 'auto', 'cpu', 'cuda' or 'cuda:N', found 'mps'"),
     ({"capture_sizes": (0, 4)}, "expected positive integers"),
     ({"verify": "yes"}, "expected a bool"),
+    ({"passes": {"cleanup", "qkv_split"}}, "passes: expected a tuple or list of pass names (in "
+                                           "order), found set"),
+    ({"dump_dir": 3}, "dump_dir: expected a directory path (str or os.PathLike), found int 3"),
+    ({"dump_dir": ""}, "dump_dir: expected a directory path, found the empty string"),
+    ({"splitting_ops": ("fxkiln::atention",)}, "splitting_ops: 'fxkiln::atention' is not a "
+                                               "registered op"),
+    ({"splitting_ops": ("attention",)}, "expected 'namespace::op' names"),
+    ({"capture_warmup_runs": True}, "capture_warmup_runs: expected an integer >= 0, found True"),
+    ({"capture_sizes": 4}, "capture_sizes: expected a tuple of positive integers, found 4"),
+    ({"kv_cache_tokens": -1}, "kv_cache_tokens: expected 'auto' or an integer >= 0, found -1"),
+    ({"kv_cache_tokens": "max"}, "kv_cache_tokens: expected 'auto' or an integer >= 0, found 'max'"),
+    ({"gpu_memory_utilization": 0}, "gpu_memory_utilization: expected a fraction in (0, 1], found 0"),
+    ({"gpu_memory_utilization": True}, "gpu_memory_utilization: expected a fraction in (0, 1]"),
 ])
 def test_bad_config_names_the_valid_choices(kwargs: dict, fragment: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -46,17 +66,69 @@ def test_config_is_frozen_and_normalized() -> None:
         config.kernels["rms_norm"] = "auto"  # type: ignore[index]  # read-only mapping
 
 
-def test_hash_depends_on_every_field() -> None:
-    base = CompileConfig()
-    variants = [base.replace(kernels={"rms_norm": "native"}), base.replace(passes=("cleanup",)),
-                base.replace(capture_sizes=(1,)), base.replace(device="cpu"),
-                base.replace(verify=True), base.replace(dump_dir="/tmp/x")]
-    hashes = {base.hash(), *(v.hash() for v in variants)}
-    assert len(hashes) == 1 + len(variants)
+def test_dump_dir_takes_a_path_and_hashes() -> None:
+    config = CompileConfig(dump_dir=Path("/tmp/graphs"))
+    assert config.dump_dir == "/tmp/graphs"
+    assert config.hash() == CompileConfig(dump_dir="/tmp/graphs").hash()
+
+
+def test_kernel_order_does_not_change_the_hash() -> None:
     assert CompileConfig(kernels={"rms_norm": "native", "silu_and_mul": "native"}).hash() == \
         CompileConfig(kernels={"silu_and_mul": "native", "rms_norm": "native"}).hash()
 
 
+def _kernel_choices() -> st.SearchStrategy[dict[str, str]]:
+    return st.sampled_from(sorted(kernel_ops())).flatmap(
+        lambda op: st.sampled_from(sorted(kernel_implementations(op))).map(lambda impl: {op: impl}))
+
+
+# Every field: a strategy for values other than its default, and how FXKILN_<FIELD> spells one.
+NON_DEFAULT: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], str]]] = {
+    "kernels": (_kernel_choices(), lambda v: ",".join(f"{k}={i}" for k, i in v.items())),
+    "passes": (st.lists(st.sampled_from(sorted(PASSES)), max_size=4).map(tuple), ",".join),
+    "capture_sizes": (st.lists(st.integers(1, 64), max_size=4, unique=True)
+                      .map(lambda v: tuple(sorted(v))).filter(lambda v: v != (1, 2, 4, 8, 16, 32)),
+                      lambda v: ",".join(map(str, v))),
+    "device": (st.sampled_from(["cpu", "cuda", "cuda:1"]), str),
+    "verify": (st.just(True), lambda v: "1"),
+    "dump_dir": (st.text("abc/_", min_size=1, max_size=8), str),
+    "splitting_ops": (st.lists(st.sampled_from(["fxkiln::attention", "aten::mm",
+                                                "aten::scaled_dot_product_attention"]),
+                               max_size=3).map(tuple), ",".join),
+    "capture_warmup_runs": (st.integers(0, 5).filter(lambda v: v != 1), str),
+    "capture_failure": (st.just("eager"), str),
+    "simulate_capture": (st.just(True), lambda v: "1"),
+    "debug": (st.just(True), lambda v: "1"),
+    "kv_cache_tokens": (st.integers(0, 1 << 20), str),
+    "gpu_memory_utilization": (st.floats(0.01, 1.0).filter(lambda v: v != 0.9), repr),
+}
+
+
+def test_every_field_has_a_non_default_strategy() -> None:
+    """A field added to CompileConfig must join the identity property below."""
+    assert sorted(NON_DEFAULT) == sorted(f.name for f in dataclasses.fields(CompileConfig))
+
+
+@settings(max_examples=25)
+@given(values=st.fixed_dictionaries({name: strategy for name, (strategy, _) in NON_DEFAULT.items()}))
+def test_property_every_field_is_part_of_the_identity(values: dict[str, Any]) -> None:
+    default, config = CompileConfig(), CompileConfig(**values)
+    for name, value in values.items():
+        alone = CompileConfig(**{name: value})
+        assert alone.hash() != default.hash(), name
+        assert config.replace(**{name: getattr(default, name)}).hash() != config.hash(), name
+        assert default.replace(**{name: value}) == alone
+        other = "debug" if name != "debug" else "verify"
+        changed = alone.replace(**{other: not getattr(alone, other)})
+        assert getattr(changed, name) == getattr(alone, name)  # replace() keeps the rest
+    assert CompileConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    environ = {f"FXKILN_{name.upper()}": spell(values[name])
+               for name, (_, spell) in NON_DEFAULT.items()}
+    from_env = CompileConfig.from_env(environ)
+    assert from_env == config and from_env.hash() == config.hash()
+
+
+@pytest.mark.slow
 def test_hash_is_the_same_in_another_process() -> None:
     config = CompileConfig(kernels={"rms_norm": "native"}, capture_sizes=(1, 8), device="cpu")
     code = ("from compiler import CompileConfig;"

@@ -20,7 +20,7 @@ from runtime.forward_context import set_forward_context
 from runtime.generation import uniform_batch_metadata
 from runtime.kv_cache import allocate_kv_caches
 from runtime.piece_runner import PieceCaptureError, StaticInputError
-from runtime.runner import ModelRunnerBase, make_runner
+from runtime.runner import BucketRunner, make_runner
 from runtime.split import DEFAULT_SPLITTING_OPS
 from runtime.step_context import decode_step_context
 from tests.model_oracle import build_hf, random_ids
@@ -32,12 +32,12 @@ pytestmark = pytest.mark.gpu
 
 SIZES = (1, 2, 4, 8)
 CUDA = torch.device("cuda")
-RUNNER_CLASS = "CUDARunner"
+GRAPH_DEVICE_CLASS = "CUDAGraphDevice"
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}  # eager and replay may pick different SDPA kernels
 
 
 def _runner(gm: fx.GraphModule, example: list[Any], token_inputs: tuple[int, ...],
-            sizes: tuple[int, ...] = SIZES, **options: Any) -> ModelRunnerBase:
+            sizes: tuple[int, ...] = SIZES, **options: Any) -> BucketRunner:
     return make_runner(gm, example, device=CUDA, capture_sizes=sizes,
                        splitting_ops=SPLITTING_OPS, token_input_indices=token_inputs, **options)
 
@@ -56,7 +56,7 @@ def test_cuda_graphs_equal_eager_for_every_token_count_two_models_interleaved() 
         "block": (block, lambda n: placeholder_weights_inputs(n, weights, CUDA),
                   _runner(block, placeholder_weights_inputs(3, weights, CUDA), (0, 1))),
     }
-    assert type(models["stack"][2]).__name__ == RUNNER_CLASS
+    assert type(models["stack"][2].graph_device).__name__ == GRAPH_DEVICE_CLASS
     calls = [(name, n) for name in models for n in range(1, SIZES[-1] + 4)] * 2
     random.Random(0).shuffle(calls)
     returned = []
@@ -125,7 +125,7 @@ def test_cuda_debug_mode_rejects_a_moved_non_token_input() -> None:
 
 
 def _project_runner(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
-                    encoder_len: int | None = None) -> ModelRunnerBase:
+                    encoder_len: int | None = None) -> BucketRunner:
     return make_runner(fx.symbolic_trace(model), example, device=CUDA, capture_sizes=SIZES,
                        splitting_ops=DEFAULT_SPLITTING_OPS, token_input_indices=(0, 1),
                        step_context=decode_step_context(model, SIZES[-1], CUDA, encoder_len))

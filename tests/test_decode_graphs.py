@@ -16,10 +16,10 @@ from runtime.generation import DecodeSession
 from runtime.kernels import triton_kernels
 from tests.model_oracle import build_hf, random_ids
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     attention.attention_jit is None or not triton_kernels.supports(torch.device("cpu"),
                                                                    torch.float32),
-    reason="needs Triton (interpreted on CPU)")
+    reason="needs Triton (interpreted on CPU)")]  # slow: Triton attention is interpreted
 
 WHOLE = CompileConfig(device="cpu", capture_sizes=(1, 2, 4, 8), simulate_capture=True,
                       debug=True, kernels={"attention": "triton"}, kv_cache_tokens=512)
@@ -98,7 +98,7 @@ def test_ragged_prompts_replay_whole_decode_steps(llama, bart, replays: list,
     assert len(replays) - before == 3
 
 
-@settings(max_examples=8)
+@settings(max_examples=4)  # each session generates eagerly and replayed (Triton interpreted)
 @given(batches=st.lists(st.integers(1, 8), min_size=2, max_size=4), seed=st.integers(0, 99))
 def test_interleaved_sessions_of_any_size(llama, batches: list[int], seed: int) -> None:
     """Sessions of random sizes, one after another, each through the same caches and buffers:

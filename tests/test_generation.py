@@ -20,11 +20,10 @@ from tests.generation_helpers import (
     finish_steps,
     staggered_eos,
 )
-from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from tests.model_oracle import (
     build_hf,
     decoder_prompt,
     hf_generate_eos,
-    one_torch_thread,
     random_ids,
 )
 

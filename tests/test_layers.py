@@ -26,7 +26,6 @@ from models.layers import (
     get_act_fn,
 )
 from models.parallel import TensorParallel
-from tests.model_oracle import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 
 def ranks(size: int) -> list[TensorParallel]:

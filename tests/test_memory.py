@@ -13,7 +13,7 @@ from compiler import CompileConfig, compile_model
 from models import from_hf
 from runtime import memory
 from runtime.kv_cache import allocate_kv_caches
-from tests.model_oracle import build_hf, one_torch_thread  # noqa: F401  (an autouse fixture)
+from tests.model_oracle import build_hf
 
 GiB = 2**30
 

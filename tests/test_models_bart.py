@@ -8,16 +8,15 @@ import torch
 from models import UnsupportedConfigError, from_hf
 from runtime import generate
 from runtime.kv_cache import AttentionKind
-from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from tests.model_oracle import (
     build_hf,
     decoder_prompt,
     hf_greedy,
     hf_logits,
-    one_torch_thread,
     random_ids,
     step_logits,
 )
-from tests.tracing import attention_nodes, fake_propagate, trace
+from tests.fx_helpers import attention_nodes, output_value, trace
 
 ATOL = 1e-4
 
@@ -72,8 +71,7 @@ def test_trace_keeps_one_fused_cross_attention_projection_read_on_both_streams()
 
 def test_traced_graph_runs_under_fake_tensors_with_symbolic_token_counts() -> None:
     model = from_hf(build_hf("bart", seed=8))
-    gm = trace(model)
-    out = fake_propagate(gm, model.example_inputs(5))
+    out = output_value(trace(model, model.example_inputs(5)))
     assert out.shape[1] == 101 and not isinstance(out.shape[0], int)
 
 

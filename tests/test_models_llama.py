@@ -8,15 +8,14 @@ import torch
 from models import UnsupportedConfigError, from_hf
 from models.llama import LlamaForCausalLM
 from runtime import generate
-from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from tests.model_oracle import (
     build_hf,
     hf_greedy,
     hf_logits,
-    one_torch_thread,
     random_ids,
     step_logits,
 )
-from tests.tracing import attention_nodes, fake_propagate, trace
+from tests.fx_helpers import attention_nodes, output_value, trace
 
 ATOL = 1e-4
 
@@ -72,8 +71,7 @@ def test_symbolic_trace_has_one_attention_node_per_layer_and_no_collectives() ->
 
 def test_traced_graph_runs_under_fake_tensors_with_symbolic_token_count() -> None:
     model = from_hf(build_hf("llama", seed=9))
-    gm = trace(model)
-    out = fake_propagate(gm, model.example_inputs(7))
+    out = output_value(trace(model, model.example_inputs(7)))
     assert out.shape[1] == 101 and not isinstance(out.shape[0], int)  # (s0, vocab)
 
 

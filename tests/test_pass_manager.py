@@ -132,7 +132,7 @@ def test_refresh_gives_new_nodes_shapes() -> None:
 
 
 def test_dump_writes_each_graph_numbered_in_order(tmp_path) -> None:
-    model = Small()
+    model = Small().eval()
     compile_model(model, INPUTS, CompileConfig(passes=("cleanup", "cleanup"), device="cpu",
                                                dump_dir=str(tmp_path)))
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -148,11 +148,11 @@ def test_compile_model_verify_flags_a_broken_default_pipeline(monkeypatch) -> No
 
     monkeypatch.setitem(passes.PASSES, "cleanup", ReluToSigmoid)
     with pytest.raises(PassVerificationError, match="relu_to_sigmoid"):
-        compile_model(Small(), INPUTS, CompileConfig(device="cpu", verify=True, passes=("cleanup",)))
+        compile_model(Small().eval(), INPUTS, CompileConfig(device="cpu", verify=True, passes=("cleanup",)))
     # without verify the same broken pass goes unnoticed: that is what verify is for
-    compile_model(Small(), INPUTS, CompileConfig(device="cpu", passes=("cleanup",)))
+    compile_model(Small().eval(), INPUTS, CompileConfig(device="cpu", passes=("cleanup",)))
 
 
 def test_cleanup_passes_verification() -> None:
-    compiled = compile_model(Small(), INPUTS, CompileConfig(device="cpu", verify=True))
+    compiled = compile_model(Small().eval(), INPUTS, CompileConfig(device="cpu", verify=True))
     assert compiled.report.passes["cleanup"].matches >= 1

@@ -48,7 +48,8 @@ return add"""
 def run_fuse(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]):
     result = QkvFusePass(PassContext())(gm)
     gm.graph.lint()
-    symbolic_propagator(inputs)(gm)
+    if result.modified:  # what the PassManager does after a pass that modified the graph
+        symbolic_propagator(inputs)(gm)
     return result
 
 
@@ -119,8 +120,9 @@ def test_layers_reading_one_encoder_output_fuse_per_layer_not_across() -> None:
     assert [int(n.meta["val"].shape[-1]) for n in readers] == [kv_width] * layers
 
 
-@settings(max_examples=8)
-@given(shape=shapes(), layers=st.integers(1, 3), tokens=st.integers(1, 6),
+@pytest.mark.slow
+@settings(max_examples=6)  # each example propagates shapes through SDPA three times
+@given(shape=shapes(), layers=st.integers(1, 2), tokens=st.integers(1, 6),
        encoder_tokens=st.integers(1, 6), other=st.integers(1, 9))
 def test_fuse_preserves_results_flops_and_is_idempotent(shape: Shape, layers: int, tokens: int,
                                                        encoder_tokens: int, other: int) -> None:
@@ -185,6 +187,7 @@ def _whisper() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return WhisperForConditionalGeneration(config).eval(), inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [_bart, _t5, _whisper], ids=["bart", "t5", "whisper"])
 def test_hugging_face_cross_kv_fuses_in_every_decoder_layer(
         build: Callable[[], tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:

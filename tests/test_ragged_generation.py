@@ -18,13 +18,7 @@ from runtime import generate
 from runtime.forward_context import get_forward_context, set_forward_context
 from runtime.generation import DecodeSession
 from tests.generation_helpers import RecordingModel, finish_at_eos, staggered_eos
-from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
-    build_hf,
-    decoder_prompt,
-    hf_generate_eos,
-    one_torch_thread,
-    random_ids,
-)
+from tests.model_oracle import build_hf, decoder_prompt, hf_generate_eos, random_ids
 
 STEPS = 6
 LENGTHS = (5, 1, 9, 3)
@@ -241,7 +235,7 @@ def test_bad_requests_are_refused_before_any_step(llama: tuple, bart: tuple) -> 
     with pytest.raises(ValueError, match=r"encoder_input_ids: prompt 0 has 65 tokens, which "
                                          r"needs 65 positions; the model has 64"):
         generate(bart_recording, None, 2, encoder_input_ids=[torch.ones(65, dtype=torch.long)])
-    with pytest.raises(ValueError, match=r"input_ids has 2 prompts but encoder_input_ids has 1"):
+    with pytest.raises(ValueError, match=r"input_ids has 2 prompts but the encoder input has 1"):
         generate(bart_recording, [torch.tensor([2]), torch.tensor([2])], 2,
                  encoder_input_ids=[torch.tensor([5, 6])])
     assert recording.calls == [] and bart_recording.calls == []

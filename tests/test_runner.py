@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,10 +13,11 @@ from torch import fx
 from runtime.cuda_runner import weak_ref_tensor
 from runtime.memory import DeviceMemoryProfiler
 from runtime.piece_runner import PieceCaptureError, StaticInputError
-from runtime.replay_simulator import HostSyncGuard, ReplaySimulatorRunner, SimulatedGraph
+from runtime.graph_device import GraphDevice
+from runtime.replay_simulator import HostSyncGuard, SimulatedGraph, SimulatedGraphDevice
 from models import from_hf
 from runtime import generate
-from runtime.runner import CPURunner, ModelRunnerBase, make_runner
+from runtime.runner import BucketRunner, make_runner
 from runtime.split import DEFAULT_SPLITTING_OPS
 from runtime.step_context import decode_step_context
 from tests.model_oracle import build_hf, decoder_prompt, random_ids, step_logits
@@ -26,21 +26,12 @@ from tests.runner_models import (HIDDEN, SPLITTING_OPS, CompiledLike, attention_
                                  placeholder_weights_inputs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny ops: threads only contend on a shared machine (each op 10x slower with them)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIZES = (1, 2, 4, 8)
 LARGEST = SIZES[-1]
 
 
 def _simulated(gm: fx.GraphModule, example: list[Any], token_inputs: tuple[int, ...],
-               **options: Any) -> ModelRunnerBase:
+               **options: Any) -> BucketRunner:
     return make_runner(gm, example, device="cpu", capture_sizes=SIZES,
                        splitting_ops=SPLITTING_OPS, token_input_indices=token_inputs,
                        simulate=True, **options)
@@ -215,13 +206,13 @@ def test_without_debug_a_graph_reads_the_tensors_it_was_captured_with() -> None:
 
 def test_stats_and_device_properties_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = ModelRunnerBase._cache_device_properties
+    original = GraphDevice._read_properties
 
-    def counting(self: ModelRunnerBase) -> Any:
+    def counting(self: GraphDevice) -> Any:
         calls.append(self)
         return original(self)
 
-    monkeypatch.setattr(ModelRunnerBase, "_cache_device_properties", counting)
+    monkeypatch.setattr(GraphDevice, "_read_properties", counting)
     runner = _simulated(attention_stack_graph(layers=1), [torch.randn(3, HIDDEN), 3], (0,))
     for tokens in (1, 5, 20):
         runner(torch.randn(tokens, HIDDEN), tokens)
@@ -237,11 +228,11 @@ def test_make_runner_on_cpu_without_simulation_runs_the_split_module_unpadded() 
     gm = attention_stack_graph(layers=1)
     runner = make_runner(gm, [torch.randn(3, HIDDEN), 3], device="cpu", capture_sizes=SIZES,
                          splitting_ops=SPLITTING_OPS, token_input_indices=(0,))
-    assert type(runner) is CPURunner and runner.stats.captured_sizes == ()
+    assert type(runner.graph_device) is GraphDevice and runner.stats.captured_sizes == ()
     assert runner.stats.graphs == 0
     x = torch.randn(3, HIDDEN)
     torch.testing.assert_close(runner(x, 3), gm(x, 3))
-    assert isinstance(_simulated(gm, [x, 3], (0,)), ReplaySimulatorRunner)
+    assert isinstance(_simulated(gm, [x, 3], (0,)).graph_device, SimulatedGraphDevice)
 
 
 class _DecoderLike(torch.nn.Module):
@@ -343,7 +334,7 @@ def test_memory_profiler_sees_a_kept_allocation() -> None:
 
 
 def _project_runner(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
-                    encoder_len: int | None = None) -> ModelRunnerBase:
+                    encoder_len: int | None = None) -> BucketRunner:
     return make_runner(fx.symbolic_trace(model), example, device="cpu", capture_sizes=SIZES,
                        splitting_ops=DEFAULT_SPLITTING_OPS, token_input_indices=(0, 1),
                        simulate=True, debug=True,

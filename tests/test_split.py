@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,15 +14,6 @@ from runtime.split import DEFAULT_SPLITTING_OPS, op_key, split_graph
 from tests.runner_models import (HIDDEN, SPLITTING_OPS, TEST_OP, attention_stack_graph,
                                  causal_attention)
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny ops: threads only contend on a shared machine (each op 10x slower with them)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _top_level_calls(split_module: fx.GraphModule) -> list[str]:
     return [str(n.target) for n in split_module.graph.nodes if n.op == "call_module"]

@@ -13,14 +13,13 @@ from hypothesis import strategies as st
 
 from models.llama import LlamaForCausalLM
 from models.parallel import TensorParallel
-from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from tests.model_oracle import (
     build_hf,
     hf_logits,
-    one_torch_thread,
     random_ids,
 )
 from tests.tp_worker import TPPool, TPTask, run_task
-from tests.tracing import fake_propagate, trace
+from tests.fx_helpers import output_value, trace
 
 ATOL = 1e-4
 
@@ -42,6 +41,7 @@ def task_for(kind: str, seed: int, overrides: dict[str, Any], mode: str = "logit
                   random_ids((2, 5), vocab, seed + 3), overrides, mode)
 
 
+@pytest.mark.slow  # the first test to use the pool starts its two rank processes
 @pytest.mark.parametrize(("kind", "overrides"), [
     ("llama", dict(num_key_value_heads=2, vocab_size=101)),  # odd vocab: padded vocab shards
     ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # KV head replicated
@@ -55,6 +55,7 @@ def test_two_ranks_give_the_single_rank_logits_and_tokens(tp_pool: TPPool, kind:
     assert torch.equal(tp_pool.run(task), run_task(task, tp_size=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "bart"])
 def test_two_compiled_ranks_replaying_graphs_give_the_single_rank_eager_tokens(
         tp_pool: TPPool, kind: str) -> None:
@@ -71,13 +72,13 @@ def test_two_compiled_ranks_replaying_graphs_give_the_single_rank_eager_tokens(
 def test_tp_graph_holds_one_collective_per_row_parallel_layer_and_embedding() -> None:
     hf = build_hf("llama", seed=5, num_hidden_layers=2)
     model = LlamaForCausalLM(hf.config, tp=TensorParallel(2, 0, group_name="unused"))
-    gm = trace(model)
+    gm = trace(model, model.example_inputs(3))
     collectives = [str(node.target) for node in gm.graph.nodes if "c10d" in str(node.target)]
     # embedding + (o_proj, down_proj) per layer reduce; the LM head gathers; each waits once
     assert collectives.count("_c10d_functional.all_reduce.default") == 1 + 2 * 2
     assert collectives.count("_c10d_functional.all_gather_into_tensor.default") == 1
     assert collectives.count("_c10d_functional.wait_tensor.default") == 1 + 2 * 2 + 1
-    assert fake_propagate(gm, model.example_inputs(3)).shape[1] == 101
+    assert output_value(gm).shape[1] == 101
 
 
 @st.composite
@@ -100,6 +101,7 @@ def model_cases(draw: st.DrawFn) -> tuple[str, int, dict[str, Any]]:
                           decoder_ffn_dim=ffn, vocab_size=vocab)
 
 
+@pytest.mark.slow
 @given(case=model_cases(), seed=st.integers(0, 1000))
 def test_logits_equal_hf_for_any_size_heads_kv_heads_layers_and_tp(
         tp_pool: TPPool, case: tuple[str, int, dict[str, Any]], seed: int) -> None:

@@ -15,7 +15,6 @@ from runtime import attention
 from runtime.forward_context import AttentionMetadata
 from runtime.kernels import triton_kernels
 from runtime.kv_cache import AttentionKind, AttentionSpec, allocate_kv_caches
-from tests.model_oracle import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 pytestmark = pytest.mark.skipif(
     attention.varlen_attention_jit is None or not triton_kernels.supports(torch.device("cpu"),

@@ -1,6 +1,7 @@
 """from_hf from a save_pretrained folder (safetensors only) and the errors that name tensors."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,10 @@ from models import UnsupportedConfigError, WeightLoadError, from_hf
 from models.llama import LlamaForCausalLM
 from models.weights import load_weights
 from runtime import generate
-from tests.model_oracle import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from tests.model_oracle import (
     build_hf,
     decoder_prompt,
     hf_greedy,
-    one_torch_thread,
     random_ids,
 )
 
@@ -119,3 +119,36 @@ def test_unknown_model_type_names_the_config_key() -> None:
                                                                 vocab_size=11, n_positions=8))
     with pytest.raises(UnsupportedConfigError, match="'model_type'.*'gpt2'"):
         from_hf(gpt2)
+
+
+def test_a_missing_folder_is_named_before_any_hub_lookup(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match=r"expected a Hugging Face model object or a local "
+                                                r"folder saved by save_pretrained, found the path "
+                                                r".*no-such-model', which does not exist"):
+        from_hf(str(missing))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="which is a file"):
+        from_hf(tmp_path / "weights.safetensors")
+    with pytest.raises(FileNotFoundError, match="with a config.json"):
+        from_hf(tmp_path)
+
+
+def test_a_tensor_in_two_safetensors_files_is_named_with_both(tmp_path: Path) -> None:
+    folder = saved(build_hf("llama", seed=11), tmp_path)
+    (first,) = folder.glob("*.safetensors")
+    with safe_open(str(first), framework="pt") as reader:
+        norm = reader.get_tensor("model.norm.weight")
+    save_file({"model.norm.weight": norm + 1}, str(folder / "zz-extra.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(WeightLoadError, match=rf"checkpoint tensor 'model.norm.weight' is in both "
+                                              rf"{first.name} and zz-extra.safetensors") as info:
+        from_hf(folder)
+    assert info.value.tensor_name == "model.norm.weight"
+
+
+@pytest.mark.parametrize("tp_size", [0, -2, True, 1.0, "2"])
+def test_tp_size_must_be_a_positive_integer(tp_size: object) -> None:
+    with pytest.raises(ValueError, match=rf"tp_size: expected an integer >= 1, found "
+                                         rf"{re.escape(repr(tp_size))}"):
+        from_hf(build_hf("llama"), tp_size=tp_size)  # type: ignore[arg-type]  # the point of the test

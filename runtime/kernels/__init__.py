@@ -3,3 +3,4 @@ from __future__ import annotations
 
 from runtime.kernels import native  # noqa: F401  (registers the native implementations)
 from runtime.kernels import triton_kernels  # noqa: F401  (registers "triton" when Triton is installed)
+from runtime.kernels import triton_lifted  # noqa: F401  (the ops the lifting passes write)

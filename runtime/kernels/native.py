@@ -32,6 +32,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@register_kernel("gelu_and_mul", "native", supports=_everywhere)
+def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)  # each (..., d)
+    return F.gelu(gate, approximate=approximate) * up
+
+
 @register_kernel("rotary_embedding", "native", supports=_everywhere)
 def rotary_embedding(
     positions: torch.Tensor,      # (tokens,)
@@ -44,6 +50,17 @@ def rotary_embedding(
     cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)  # each (tokens, rot/2)
     return (_rotate(query, cos, sin, head_size, is_neox),
             _rotate(key, cos, sin, head_size, is_neox))
+
+
+@register_kernel("rotary_cos_sin", "native", supports=_everywhere)
+def rotary_cos_sin(
+    x: torch.Tensor,    # (..., rotary_dim)
+    cos: torch.Tensor,  # broadcasts to x, e.g. (batch, 1, seq, rotary_dim) against heads
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half(x)
+    return x * cos + rotated * sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int,

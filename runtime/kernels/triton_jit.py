@@ -42,15 +42,27 @@ def rms_norm_rows_kernel(
 
 
 @triton.jit
-def silu_and_mul_kernel(out_ptr, x_ptr, x_row_stride, half, BLOCK_SIZE: tl.constexpr):
-    """Program (row, block): out[row, cols] = silu(x[row, cols]) * x[row, half + cols]."""
+def act_and_mul_kernel(out_ptr, x_ptr, x_row_stride, half, ACTIVATION: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
+    """Program (row, block): out[row, cols] = act(x[row, cols]) * x[row, half + cols].
+
+    ACTIVATION: 0 silu, 1 exact gelu, 2 tanh-approximated gelu, written as
+    x * sigmoid(2z) (= 0.5 x (1 + tanh z)), which has no tanh to lose precision near 0.
+    """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < half
     gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * x_row_stride + half + cols, mask=mask, other=0.0)
     gate = gate.to(tl.float32)
-    activated = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
+    if ACTIVATION == 0:
+        activated = gate / (1.0 + tl.exp(-gate))
+    elif ACTIVATION == 1:
+        activated = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        activated = gate / (1.0 + tl.exp(-2.0 * inner))
+    activated = activated.to(up.dtype).to(tl.float32)
     tl.store(out_ptr + row * half + cols, (activated * up.to(tl.float32)).to(up.dtype), mask=mask)
 
 

@@ -149,16 +149,27 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return out, residual_out
 
 
-def silu_and_mul(x: torch.Tensor, block_size: int, num_warps: int) -> torch.Tensor:
+# The activations act_and_mul_kernel computes, by the name its ACTIVATION constant stands for.
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def act_and_mul(x: torch.Tensor, activation: str, block_size: int,
+                num_warps: int) -> torch.Tensor:
+    """act(first half of x's last dimension) * second half; `activation` names the act."""
     half = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], half), dtype=x.dtype, device=x.device)  # (..., half)
     if isinstance(x, FakeTensor) or out.numel() == 0:
         return out
     x_rows = _rows(x)  # (rows, 2 * half)
     grid = (x_rows.shape[0], -(-half // block_size))
-    triton_jit.silu_and_mul_kernel[grid](out, x_rows, x_rows.stride(0), half,
-                                         BLOCK_SIZE=block_size, num_warps=num_warps)
+    triton_jit.act_and_mul_kernel[grid](out, x_rows, x_rows.stride(0), half,
+                                        ACTIVATION=ACTIVATIONS[activation],
+                                        BLOCK_SIZE=block_size, num_warps=num_warps)
     return out
+
+
+def silu_and_mul(x: torch.Tensor, block_size: int, num_warps: int) -> torch.Tensor:
+    return act_and_mul(x, "silu", block_size, num_warps)
 
 
 def rotary_embedding(

@@ -1,5 +1,5 @@
-"""Shared by the kernel tests: a Llama-shaped module on the dispatch ops, tracing with shape
-propagation (token dimension dynamic, as compile_model does), RoPE caches and tolerances."""
+"""Shared by the kernel tests: a Llama-shaped module on the dispatch ops, kernel choice and
+counting, RoPE caches and tolerances (tracing: tests.fx_helpers.trace)."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,6 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import runtime.ops  # noqa: F401  (registers the fxkiln ops)
 from passes.base import PassContext, PassResult
@@ -99,17 +96,6 @@ class LlamaShaped(torch.nn.Module):
         device = self.embed.device
         return (torch.randint(0, self.embed.shape[0], (num_tokens,), device=device),
                 torch.arange(num_tokens, device=device))
-
-
-def trace(module: torch.nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
-    """symbolic_trace + FakeTensor shape propagation, dim 0 of each input dynamic."""
-    gm = fx.symbolic_trace(module)
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    fakes = [mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
-        dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (t.dim() - 1)))
-        for t in inputs]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
-    return gm
 
 
 def choose_kernels(gm: fx.GraphModule, kernels: Mapping[str, str] | None = None,

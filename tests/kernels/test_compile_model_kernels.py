@@ -45,7 +45,7 @@ def _check_done(compiled: compiler.CompiledModel, model: torch.nn.Module,
 @needs_interpreter
 def test_compile_model_with_triton_rms_norm_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    model = LlamaShaped(layers=2)
+    model = LlamaShaped(layers=2).eval()
     inputs = model.example_inputs(5)
     with torch.inference_mode():
         expected = model(*inputs)
@@ -80,7 +80,7 @@ def test_compile_model_with_triton_rms_norm_on_gpu(monkeypatch: pytest.MonkeyPat
     torch.manual_seed(0)
     dtype = torch.bfloat16
     model = LlamaShaped(hidden=256, layers=2, heads=8, kv_heads=2, head_size=32,
-                        intermediate=512).to("cuda", dtype)
+                        intermediate=512).to("cuda", dtype).eval()
     inputs = tuple(t.cuda() for t in model.example_inputs(9))
     with torch.inference_mode(), kernel_settings({op: "native" for op in MATCHED_TARGETS.values()}):
         expected = model(*inputs)

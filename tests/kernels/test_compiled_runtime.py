@@ -13,8 +13,8 @@ from runtime import registry, settings
 from runtime.kernels import triton_kernels
 from runtime.registry import KernelImpl
 from runtime.settings import kernel_settings
-from tests.kernels.helpers import (LlamaShaped, assert_as_accurate, choose_kernels, count_targets,
-                                   trace)
+from tests.fx_helpers import trace
+from tests.kernels.helpers import LlamaShaped, assert_as_accurate, choose_kernels, count_targets
 
 needs_interpreter = pytest.mark.skipif(
     not triton_kernels.interpreter_active(), reason="Triton kernels are not interpreted here")
@@ -26,7 +26,7 @@ def _refuse(*args: Any, **kwargs: Any) -> Any:
 
 def _compile(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
              kernels: dict[str, str], device: str = "cpu") -> torch.fx.GraphModule:
-    gm = trace(model, *inputs)
+    gm = trace(model, inputs)
     choose_kernels(gm, kernels, device)
     return gm
 

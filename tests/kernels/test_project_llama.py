@@ -10,7 +10,7 @@ from runtime import generate, registry, settings
 from runtime.kernels import triton_kernels
 from tests.kernels.helpers import choose_kernels, count_targets
 from tests.model_oracle import build_hf, random_ids
-from tests.tracing import fake_propagate, trace
+from tests.fx_helpers import trace
 
 needs_interpreter = pytest.mark.skipif(
     not triton_kernels.interpreter_active(), reason="Triton kernels are not interpreted here")
@@ -35,8 +35,7 @@ def test_project_llama_with_triton_norms_generates_eager_tokens(
         monkeypatch: pytest.MonkeyPatch) -> None:
     layers = 2
     model = from_hf(build_hf("llama", seed=4, num_key_value_heads=2, num_hidden_layers=layers))
-    gm = trace(model)
-    fake_propagate(gm, model.example_inputs(8))
+    gm = trace(model, model.example_inputs(8))
     result = choose_kernels(gm, {"rms_norm": "triton", "fused_add_rms_norm": "triton"})
     assert result.matches == 5 * layers + 1  # per layer 2 norms, rotary, silu, attention; norm
     assert count_targets(gm, set(MATCHED_TARGETS)) == 0

@@ -1,0 +1,156 @@
+"""The inputs of a graph from Dynamo: signatures, which inputs are read in place, staging.
+
+A Dynamo graph's inputs are the call's tensors, its SymInt sizes (plain ints at run time) and,
+with nn modules inlined, every parameter and buffer. For a replay, each tensor input is one of:
+
+- **static, declared**: parameters, buffers and tensors marked with
+  `torch._dynamo.mark_static_address`. Read in place; their addresses are checked only in
+  debug mode, where one that moved is a `StaticInputError` (checking hundreds of weights every
+  call would cost more than the replay saves; without the check a graph reads the old tensor).
+- **static, observed**: a tensor whose storage stayed put from one call to the next and which
+  the graph writes in place, such as a Hugging Face StaticCache's keys, values and position
+  counter. Read and written in place; its address is checked at every replay (a few per layer)
+  and a graph whose static input moved is dropped and captured again.
+- **copied**: everything else (ids, positions, masks, encoder outputs). Copied into a buffer of
+  the graph before each replay; one that the graph writes in place is copied back after it. An
+  input that stays put but is only read is copied too: the caching allocator hands a fresh
+  tensor the block its predecessor freed, so "same address" alone does not make an input
+  static, and copying a per-call input is cheap beside recapturing.
+
+The signature of a call is what fixes its graph: the shapes of the tensor inputs other than
+the declared static ones (Dynamo's guards fix those), the values of the other inputs (sizes),
+and the values of host scalars (0-dim CPU tensors standing for Python numbers, which a device
+graph would freeze). A graph with static shapes has one signature, the empty tuple.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class GraphInputs:
+    """What the compiler knows about a Dynamo graph's inputs (indices into its arguments)."""
+
+    declared_static: frozenset[int]    # parameters, buffers, mark_static_address tensors
+    host_scalars: frozenset[int] = frozenset()  # 0-dim CPU tensors for Python scalars
+    static_shapes: bool = False        # no symbolic size anywhere: a single signature
+
+
+@dataclass(frozen=True)
+class Observation:
+    """An uncaptured call of one signature: where its inputs were and which it wrote."""
+
+    key: Hashable
+    addresses: tuple[int, ...]     # data_ptr of each watched input (0: not a tensor)
+    written: frozenset[int]        # indices of watched inputs the call wrote in place
+
+
+class InputPlan:
+    """Per graph: which arguments make the signature, which are watched for writes."""
+
+    def __init__(self, inputs: GraphInputs, example_args: Sequence[Any],
+                 names: Sequence[str] = ()) -> None:
+        self.inputs = inputs
+        self.names = tuple(names) or tuple(f"input {i}" for i in range(len(example_args)))
+        self.declared = inputs.declared_static
+        tensors = [i for i, x in enumerate(example_args) if isinstance(x, torch.Tensor)]
+        self.per_call = tuple(i for i in tensors if i not in self.declared)
+        self.values = tuple(i for i, x in enumerate(example_args)
+                            if not isinstance(x, torch.Tensor))
+        self.host_scalars = tuple(sorted(inputs.host_scalars))
+        # watched for in-place writes: per-call tensors and declared buffers (not parameters)
+        self.watched = self.per_call + tuple(
+            i for i in sorted(self.declared)
+            if not isinstance(example_args[i], torch.nn.Parameter))
+
+    def signature(self, args: Sequence[Any]) -> Hashable:
+        """The key a call's graphs are stored under (see the module docstring)."""
+        scalars = tuple(args[i].item() for i in self.host_scalars)
+        if self.inputs.static_shapes:
+            return scalars
+        return (tuple(args[i].shape for i in self.per_call),
+                tuple(args[i] for i in self.values), scalars)
+
+    def leading_size(self, args: Sequence[Any]) -> int:
+        """Dim 0 of the first per-call tensor input with a dimension (the batch of a Hugging
+        Face decode step); 0 when there is none."""
+        for i in self.per_call:
+            if args[i].dim() > 0:
+                return int(args[i].shape[0])
+        return 0
+
+    def observe_before(self, args: Sequence[Any]) -> list[int]:
+        return [args[i]._version for i in self.watched]
+
+    def observation(self, key: Hashable, args: Sequence[Any], versions: list[int]) -> Observation:
+        written = frozenset(i for i, version in zip(self.watched, versions)
+                            if args[i]._version != version)
+        return Observation(key, tuple(args[i].data_ptr() for i in self.watched), written)
+
+    def in_place(self, args: Sequence[Any], seen: Observation) -> frozenset[int]:
+        """Declared static inputs, and watched ones written in place that stayed put."""
+        stayed = {i for i, address in zip(self.watched, seen.addresses)
+                  if args[i].data_ptr() == address and i in seen.written}
+        return self.declared | frozenset(stayed)
+
+
+@dataclass(frozen=True)
+class StagedInputs:
+    """One signature's arguments for capture and replay: buffers for the copied inputs."""
+
+    args: tuple[Any, ...]                             # what the graph was captured with
+    copy_into: tuple[tuple[int, torch.Tensor], ...]   # (argument index, buffer) before replay
+    copy_back: tuple[tuple[int, torch.Tensor], ...]   # (argument index, buffer) after replay
+    checked: tuple[tuple[int, int], ...]              # (index, data_ptr) checked every replay
+    declared: tuple[tuple[int, int], ...]             # (index, data_ptr) checked in debug mode
+
+    def moved(self, args: Sequence[Any]) -> int | None:
+        """The index of an observed static input that is not where the graph reads it."""
+        for index, address in self.checked:
+            if args[index].data_ptr() != address:
+                return index
+        return None
+
+    def declared_moved(self, args: Sequence[Any]) -> tuple[int, int] | None:
+        """(index, captured address) of a declared static input that moved (debug mode)."""
+        for index, address in self.declared:
+            if args[index].data_ptr() != address:
+                return index, address
+        return None
+
+    def load(self, args: Sequence[Any]) -> None:
+        for index, buffer in self.copy_into:
+            buffer.copy_(args[index])
+
+    def store(self, args: Sequence[Any]) -> None:
+        for index, buffer in self.copy_back:
+            args[index].copy_(buffer)
+
+
+def stage(plan: InputPlan, args: Sequence[Any], in_place: frozenset[int],
+          written: frozenset[int]) -> StagedInputs:
+    """Buffers (copies of this call's values, outside any graph pool) for the copied inputs."""
+    staged = list(args)
+    copy_into = []
+    for index in plan.per_call:
+        if index not in in_place:
+            staged[index] = buffer = args[index].clone()
+            copy_into.append((index, buffer))
+    observed = in_place - plan.declared
+    return StagedInputs(
+        args=tuple(staged), copy_into=tuple(copy_into),
+        copy_back=tuple((i, b) for i, b in copy_into if i in written),
+        checked=tuple((i, args[i].data_ptr()) for i in sorted(observed)),
+        declared=tuple((i, args[i].data_ptr()) for i in sorted(plan.declared)))
+
+
+def describe(plan: InputPlan, args: Sequence[Any], staged: StagedInputs | None) -> str:
+    """'size 1: copied (1, 1) (1, 1, 1, 13), 6 read in place' (no staging yet: every shape)."""
+    copied = [i for i, _ in staged.copy_into] if staged is not None else list(plan.per_call)
+    shapes = " ".join(str(tuple(args[i].shape)) for i in copied) or "nothing"
+    in_place = f", {len(staged.checked)} read in place" if staged and staged.checked else ""
+    return f"size {plan.leading_size(args)}: copied {shapes}{in_place}"

@@ -1,0 +1,115 @@
+"""Hugging Face `generate` with `forward` compiled by the fxkiln backend, through the replay
+simulator on CPU: eager's tokens, decode steps replayed from a static cache, reports that show
+what was captured and why nothing was for a DynamicCache."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+import compiler
+from compiler import CompileConfig
+from models.presets import hf_config, hf_model
+from runtime.signature_runner import CHANGING
+from tests.model_oracle import randomize_, random_ids
+
+pytestmark = pytest.mark.slow
+
+SIZES = (1, 2, 4)
+SIMULATED = CompileConfig(device="cpu", simulate_capture=True, capture_sizes=SIZES, debug=True)
+NEW_TOKENS = 6
+DECODE_CALLS = NEW_TOKENS - 1          # forward calls after the prefill
+REPLAYED = DECODE_CALLS - 2            # the first is watched, the second captured
+
+
+def _hf(kind: str) -> Any:
+    """A tiny Hugging Face model with well separated logits (greedy ties would be flaky)."""
+    if kind == "mistral":  # Llama-tiny's widths on Mistral's classes
+        base = hf_config("llama-tiny").to_dict()
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        config = transformers.MistralConfig(**{k: base[k] for k in keys}, sliding_window=None)
+        hf = transformers.MistralForCausalLM(config).eval()
+    else:
+        hf = hf_model(f"{kind}-tiny")
+    randomize_(hf, seed=3)
+    return hf
+
+
+def _generate(hf: Any, ids: torch.Tensor, **options: Any) -> torch.Tensor:
+    options["disable_compile"] = True  # no auto-compile of generate's own (CUDA only anyway)
+    with torch.no_grad():
+        if hf.config.is_encoder_decoder:
+            return hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False, **options)
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                           min_new_tokens=NEW_TOKENS, do_sample=False, **options)
+
+
+def _compiled_generate(hf: Any, ids: torch.Tensor, backend: compiler.Backend,
+                       **options: Any) -> torch.Tensor:
+    eager_forward = hf.forward
+    hf.forward = torch.compile(eager_forward, backend=backend)
+    try:
+        return _generate(hf, ids, **options)
+    finally:
+        hf.forward = eager_forward
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "bart"])
+def test_static_cache_decode_steps_replay_one_whole_graph_each(kind: str, replays: list) -> None:
+    hf = _hf(kind)
+    batches = (1, 3) if kind == "bart" else (1, 3, 5)
+    for batch in batches:  # a fresh Dynamo per batch: every decode graph has static shapes
+        torch._dynamo.reset()
+        ids = random_ids((batch, 5), hf.config.vocab_size, seed=batch)
+        expected = _generate(hf, ids, cache_implementation="static")
+        backend, before = compiler.backend(SIMULATED), len(replays)
+        tokens = _compiled_generate(hf, ids, backend, cache_implementation="static")
+        assert torch.equal(tokens, expected), f"{kind}, batch {batch}"
+        decode = backend.reports[-1]  # the decode step's graph, compiled after the prefill's
+        captured = batch <= SIZES[-1]
+        assert len(replays) - before == (REPLAYED if captured else 0)
+        assert decode.pieces == 1  # the whole step, SDPA included
+        assert decode.captured_sizes == ((batch,) if captured else ())
+        assert decode.decode_graph_sizes == decode.captured_sizes
+        if not captured:
+            assert decode.capture_note == (f"leading size {batch} is more than the largest "
+                                           f"capture size {SIZES[-1]}")
+        assert "signature" in str(decode) or not captured
+        if kind != "bart":  # lifted RMSNorm, add + RMSNorm, SiLU-and-mul, rotary: all chosen
+            assert decode.passes["kernel_choice"].matches > 0
+            assert {"rms_norm", "fused_add_rms_norm", "silu_and_mul",
+                    "rotary_cos_sin"} <= set(decode.kernels)
+
+
+def test_one_compiled_forward_for_every_batch_replays_pieces_of_the_dynamic_graph(
+        replays: list) -> None:
+    """Dynamo makes the batch dynamic at the second batch: that graph is split at SDPA and its
+    pieces are captured per signature."""
+    torch._dynamo.reset()
+    hf, backend = _hf("llama"), compiler.backend(SIMULATED)
+    counts = []
+    for batch in (1, 3, 2):
+        ids = random_ids((batch, 5), hf.config.vocab_size, seed=batch)
+        expected = _generate(hf, ids, cache_implementation="static")
+        before = len(replays)
+        assert torch.equal(_compiled_generate(hf, ids, backend, cache_implementation="static"),
+                           expected)
+        counts.append(len(replays) - before)
+    dynamic = [r for r in backend.reports if r.pieces > 1]
+    assert dynamic and dynamic[-1].captured_sizes == (2, 3)
+    pieces = dynamic[-1].pieces - hf.config.num_hidden_layers  # SDPA pieces run eagerly
+    assert counts == [REPLAYED, REPLAYED * pieces, REPLAYED * pieces]
+
+
+def test_dynamic_cache_generate_runs_uncaptured_and_says_why(replays: list) -> None:
+    torch._dynamo.reset()
+    hf, backend = _hf("llama"), compiler.backend(SIMULATED)
+    ids = random_ids((2, 5), hf.config.vocab_size, seed=7)
+    assert torch.equal(_compiled_generate(hf, ids, backend), _generate(hf, ids))
+    assert replays == []
+    assert any(report.capture_note == CHANGING for report in backend.reports)
+    assert all(report.captured_sizes == () for report in backend.reports)

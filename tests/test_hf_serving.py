@@ -1,0 +1,238 @@
+"""compile_model(hf_model): Hugging Face models become serving graphs that runtime.generate
+drives; float32 greedy tokens equal Hugging Face's generate for every covered architecture."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler import CompileConfig, compile_model
+from compiler.hf_capture import UnsupportedModelError
+from compiler.hf_serving import HFServingModel, serving_model
+from passes.attention_match import UnsupportedAttentionError
+from runtime import attention, generate
+from runtime.kv_cache import AttentionKind
+from tests.hf_models import DECODER_ONLY, ENCODER_DECODER, build, prompt_for
+from tests.model_oracle import hf_generate_eos, hf_greedy, hf_logits, random_ids, step_logits
+
+PLAIN = CompileConfig(device="cpu", capture_sizes=())  # no runner: the rewritten graph itself
+WHOLE = CompileConfig(device="cpu", capture_sizes=(1, 2, 4), simulate_capture=True, debug=True,
+                      kernels={"attention": "triton"}, kv_cache_tokens=256)
+NEW_TOKENS = 8
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    torch._dynamo.reset()  # many captures in one process: stay clear of the recompile limit
+
+
+def hf_tokens(hf: transformers.PreTrainedModel, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    prompt, source = prompt_for(hf, batch)
+    return prompt, source, hf_greedy(hf, prompt, NEW_TOKENS, source)
+
+
+def test_tiny_llama_generates_hugging_face_tokens() -> None:
+    """The fast path of this file: one Llama layer, compiled from the HF object alone."""
+    hf = build("llama")
+    hf.model.layers = hf.model.layers[:1].eval()
+    hf.config.num_hidden_layers = 1
+    prompt, _, expected = hf_tokens(hf)
+    compiled = compile_model(hf, config=PLAIN)
+    assert torch.equal(generate(compiled, prompt, NEW_TOKENS, ignore_eos=True), expected)
+    assert compiled.report.frontend == "hf_serving"
+    assert compiled.report.passes["cached_attention"].matches == 1
+    (spec,) = compiled.model.attention_specs().values()
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_size, spec.kind) == \
+        (4, 2, 8, AttentionKind.DECODER)
+
+
+# qkv_fuse's matches over two layers: Q/K/V and gate/up of each Llama-family layer; Q/K/V of
+# OPT's (its fc1 has no partner); none where the model already fuses them (Phi3) or projects
+# through Conv1D's addmm (GPT-2); self Q/K/V and cross K/V of each seq2seq layer, encoder's too.
+FUSED = dict(llama=4, mistral=4, qwen2=4, qwen3=4, gemma=4, phi3=0, gpt2=0, opt=2, bart=6,
+             mbart=6, marian=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*DECODER_ONLY, *ENCODER_DECODER])
+def test_greedy_tokens_equal_hugging_face(name: str) -> None:
+    hf = build(name)
+    prompt, source, expected = hf_tokens(hf)
+    compiled = compile_model(hf, config=PLAIN)
+    tokens = generate(compiled, prompt, NEW_TOKENS, source, ignore_eos=True)
+    assert torch.equal(tokens, expected)
+    passes = compiled.report.passes
+    layers = 6 if hf.config.is_encoder_decoder else 2
+    assert passes["cached_attention"].matches == layers
+    assert (passes["qkv_fuse"].matches, passes["qkv_split"].matches) == (FUSED[name], 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bart"])
+def test_eager_attention_graphs_are_matched_too(name: str) -> None:
+    hf = build(name, attention="eager")
+    prompt, source, expected = hf_tokens(hf)
+    compiled = compile_model(hf, config=PLAIN)
+    assert torch.equal(generate(compiled, prompt, NEW_TOKENS, source, ignore_eos=True), expected)
+
+
+@pytest.mark.slow
+def test_encoder_decoder_kinds_and_fused_cross_attention_kv() -> None:
+    """BART's attentions are encoder, decoder and cross; qkv_fuse joins the cross K and V
+    (and each self-attention's Q, K, V): one fused projection per attention."""
+    compiled = compile_model(build("marian"), config=PLAIN)
+    kinds = sorted(spec.kind.value for spec in compiled.model.attention_specs().values())
+    assert kinds == ["cross", "cross", "decoder", "decoder", "encoder", "encoder"]
+    assert compiled.report.passes["qkv_fuse"].matches == 6
+    assert compiled.report.passes["token_positions"].matches == 2  # encoder and decoder
+
+
+@pytest.mark.slow
+def test_eos_compaction_and_seeded_sampling() -> None:
+    """EOS drops finished rows (HF's tokens, pad after EOS); sampling with a seed gives the
+    same tokens compiled and through the uncompiled serving model."""
+    hf = build("qwen2")
+    prompt = random_ids((4, 5), hf.config.vocab_size, seed=3)
+    free = hf_greedy(hf, prompt, NEW_TOKENS)
+    eos = int(free[1, 2])
+    compiled = compile_model(hf, config=PLAIN)
+    expected = hf_generate_eos(hf, prompt, NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(generate(compiled, prompt, NEW_TOKENS, eos_token_id=eos,
+                                pad_token_id=0), expected)
+    options = dict(ignore_eos=True, do_sample=True, temperature=0.9, top_k=20, seed=7)
+    assert torch.equal(generate(compiled, prompt, NEW_TOKENS, **options),
+                       generate(compiled.model, prompt, NEW_TOKENS, **options))
+
+
+@pytest.mark.slow
+def test_weights_are_the_models_own_tensors() -> None:
+    hf = build("llama")
+    model, _ = serving_model(hf)
+    own = {id(t) for t in [*hf.parameters(), *hf.buffers()]}
+    assert isinstance(model, HFServingModel)
+    assert all(id(t) in own for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.slow
+def test_t5_relative_position_bias_is_refused_naming_the_node() -> None:
+    with pytest.raises(UnsupportedAttentionError, match="relative_attention_bias") as error:
+        compile_model(build("t5"), config=PLAIN)
+    assert "cannot serve the attention at node %" in str(error.value)
+    assert "a bias added to the scores" in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_sliding_window_shorter_than_the_positions_served_is_refused() -> None:
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        sliding_window=16)).eval()
+    with pytest.raises(UnsupportedAttentionError, match="query 16 does not see key 0"):
+        compile_model(hf, config=PLAIN)
+
+
+def test_models_that_are_no_lm_are_refused_before_capture() -> None:
+    base = transformers.LlamaModel(transformers.LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    with pytest.raises(UnsupportedModelError, match="no LM head"):
+        compile_model(base, config=PLAIN)
+    lm = build("llama").train()
+    with pytest.raises(ValueError, match="training mode"):  # refused before capture
+        compile_model(lm, config=PLAIN)
+
+
+@pytest.mark.slow
+@settings(max_examples=3, deadline=None)
+@given(kv_heads=st.integers(1, 2), groups=st.integers(1, 3), head_size=st.sampled_from([4, 8]),
+       steps=st.integers(1, 3), seed=st.integers(0, 99))
+def test_serving_graph_step_logits_equal_the_hf_forward(kv_heads: int, groups: int,
+                                                        head_size: int, steps: int,
+                                                        seed: int) -> None:
+    """Real HF Llama attention with any head layout: a prefill and decode steps through the
+    serving graph give HF's logits for the whole sequences."""
+    torch._dynamo.reset()
+    heads = kv_heads * groups
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=heads * head_size,
+                                      intermediate_size=24, num_hidden_layers=1,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      head_dim=head_size, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    model, _ = serving_model(hf)
+    tokens = random_ids((2, 4 + steps), 61, seed)
+    torch.testing.assert_close(step_logits(model, tokens[:, :4], tokens[:, 4:]),
+                               hf_logits(hf, tokens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(attention.attention_jit is None, reason="needs Triton (interpreted on CPU)")
+@pytest.mark.parametrize("name", ["llama", "bart"])
+def test_decode_steps_replay_whole_step_graphs(name: str, replays: list) -> None:
+    """The runner's bucketed pieces and whole-step decode graphs (simulated on CPU, graph-safe
+    Triton attention) serve the HF graph as they serve fxkiln's own models: each decode step
+    of a batch within the buckets is one replay, and the tokens are HF's."""
+    hf = build(name)
+    prompt, source = prompt_for(hf, 3)
+    compiled = compile_model(hf, config=WHOLE)
+    assert compiled.report.decode_graph_sizes == (1, 2, 4) and compiled.report.pieces > 1
+    before = len(replays)
+    tokens = generate(compiled, prompt, 5, source, ignore_eos=True)
+    assert torch.equal(tokens, hf_greedy(hf, prompt, 5, source))
+    assert len(replays) - before == 4  # four decode steps after the prefill
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama", "bart"])
+def test_cuda_graphs_give_hugging_face_tokens(name: str) -> None:
+    """On CUDA (default config: piecewise CUDA graphs, whole-step decode graphs), float32
+    greedy tokens equal HF's, with sequences finishing at EOS along the way."""
+    hf = build(name).to("cuda")
+    prompt, source = prompt_for(hf, 5)
+    prompt, source = prompt.cuda(), None if source is None else source.cuda()
+    compiled = compile_model(hf, config=CompileConfig(device="cuda", kv_cache_tokens=1024))
+    assert compiled.report.decode_graph_sizes
+    expected = hf_greedy(hf, prompt, NEW_TOKENS, source)
+    assert torch.equal(generate(compiled, prompt, NEW_TOKENS, source, ignore_eos=True), expected)
+    eos = int(expected[0, 2].item())
+    with_eos = hf_generate_eos(hf, prompt, NEW_TOKENS, eos_token_id=eos, pad_token_id=0,
+                               encoder_ids=source)
+    assert torch.equal(generate(compiled, prompt, NEW_TOKENS, source, eos_token_id=eos,
+                                pad_token_id=0), with_eos)
+
+
+@pytest.mark.slow
+def test_a_save_pretrained_folder_goes_the_same_way(tmp_path) -> None:
+    """A checkpoint folder loads through transformers and compiles like the object it came from."""
+    build("qwen2").save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    prompt, _, expected = hf_tokens(hf)
+    assert torch.equal(generate(compile_model(hf, config=PLAIN), prompt, NEW_TOKENS,
+                                ignore_eos=True), expected)
+
+
+@pytest.mark.slow
+def test_whisper_reads_features_and_generates_hugging_face_tokens() -> None:
+    """Whisper's encoder reads features (sequences, mel bins, frames), a batched stream;
+    `generate` takes them by keyword. Step logits equal HF's forward; greedy tokens equal HF's
+    generic greedy search (GenerationMixin.generate: Whisper's own generate adds language and
+    timestamp logic that a random tiny config does not have)."""
+    hf = build("whisper")
+    prompt, features = prompt_for(hf, 3)
+    compiled = compile_model(hf, config=PLAIN)
+    kinds = sorted(spec.kind.value for spec in compiled.model.attention_specs().values())
+    assert kinds == ["cross", "cross", "decoder", "decoder", "encoder", "encoder"]
+    continuation = random_ids((3, 3), hf.config.vocab_size, seed=5)
+    tokens = torch.cat([prompt, continuation], dim=1)
+    with torch.no_grad():
+        expected_logits = hf(input_features=features, decoder_input_ids=tokens).logits
+    torch.testing.assert_close(step_logits(compiled, prompt, continuation, features),
+                               expected_logits, rtol=1e-4, atol=1e-4)
+    expected = transformers.GenerationMixin.generate(
+        hf, features, decoder_input_ids=prompt, max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1, eos_token_id=None,
+        pad_token_id=0)[:, 1:]
+    assert torch.equal(generate(compiled, prompt, NEW_TOKENS, input_features=features,
+                                ignore_eos=True), expected)

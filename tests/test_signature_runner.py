@@ -1,0 +1,242 @@
+"""The signature runner on CPU, through the replay simulator: graphs from Dynamo captured per
+input signature, static inputs read in place, copied inputs staged and written back, outputs
+safe from later replays; and the simulator catches a runner that forgets either."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import fx
+
+from runtime import signature_runner as signature_module
+from runtime.graph_device import CaptureOptions
+from runtime.piece_runner import PieceCaptureError, StaticInputError
+from runtime.replay_simulator import SimulatedGraph, SimulatedGraphDevice
+from runtime.signature_inputs import GraphInputs, StagedInputs
+from runtime.signature_runner import CHANGING, SignatureRunner
+from tests.signature_models import SIZES, FreshRunners, ToyCaller, ToyStep
+
+BATCHES = (1, 2, 3, 5)  # 1: a graph of static shapes (whole); 2, 3, 5: one dynamic graph
+
+
+@pytest.fixture(scope="module")
+def toy() -> Iterator[tuple[ToyStep, Any, FreshRunners]]:
+    """The toy compiled once; Dynamo settles on its graphs while warming up every batch."""
+    torch._dynamo.reset()
+    model, backend = ToyStep().eval(), FreshRunners()
+    optimized = torch.compile(model, backend=backend)
+    caller = ToyCaller(model, optimized)
+    for batch in BATCHES * 2:
+        caller.call(batch)
+    yield model, optimized, backend
+    torch._dynamo.reset()
+
+
+def _runner_for(runners: list[SignatureRunner], whole: bool) -> SignatureRunner:
+    (runner,) = [r for r in runners if r.whole == whole]
+    return runner
+
+
+def test_the_toy_has_a_whole_graph_and_a_piecewise_one(toy: Any) -> None:
+    _, _, backend = toy
+    runners = backend.fresh()
+    assert sorted(r.whole for r in runners) == [False, True]
+    piecewise = _runner_for(runners, whole=False)
+    assert piecewise.stats.pieces == 3 and sum(p.piece.is_splitting
+                                               for p in piecewise.piece_runners) == 1
+
+
+@given(calls=st.lists(st.tuples(st.sampled_from(BATCHES), st.booleans()), min_size=1,
+                      max_size=10))
+def test_property_any_call_sequence_equals_eager(toy: Any, calls: list[tuple[int, bool]]) -> None:
+    """Random sequences of signatures, caches that stay put or move, in-place writes to static
+    and copied inputs: outputs and the caller's state equal eager's after every call, and no
+    output a caller holds changes in later calls."""
+    model, optimized, backend = toy
+    backend.fresh(debug=True)
+    caller = ToyCaller(model, optimized)
+    for seed, (batch, new_cache) in enumerate(calls):
+        caller.call(batch, new_cache, seed)
+    caller.check_held()
+
+
+def test_a_repeated_signature_replays_from_its_third_call(toy: Any, replays: list) -> None:
+    model, optimized, backend = toy
+    runners = backend.fresh()
+    caller = ToyCaller(model, optimized)
+    for seed in range(5):
+        caller.call(1, seed=seed)  # eager and watched, captured, then three replays
+    assert len(replays) == 3
+    whole = _runner_for(runners, whole=True)
+    assert whole.stats.captured_sizes == (1,) and whole.stats.note == ""
+    assert whole.stats.captured_signatures == ("size 1: copied (1, 8) (1, 8), "
+                                               "2 read in place",)
+    pieces = _runner_for(runners, whole=False)
+    for seed in range(4):
+        caller.call(3, seed=seed)
+    captured = sum(p.piece.captured for p in pieces.piece_runners)
+    assert len(replays) == 3 + 2 * captured  # the pieces' graphs, SDPA eagerly between them
+    caller.check_held()
+
+
+def test_a_moved_static_input_drops_the_graph_and_captures_again(toy: Any,
+                                                                 replays: list) -> None:
+    model, optimized, backend = toy
+    whole = _runner_for(backend.fresh(), whole=True)
+    caller = ToyCaller(model, optimized)
+    for seed in range(3):
+        caller.call(1, seed=seed)
+    caller.call(1, new_cache=True, seed=3)  # the next generation's cache: dropped, watched
+    for seed in range(4, 7):
+        caller.call(1, seed=seed)           # captured again, then replayed
+    assert len(replays) == 1 + 2
+    assert whole.stats.captured_sizes == (1,)
+
+
+def test_a_cache_that_moves_every_call_is_copied_in_and_back(toy: Any, replays: list) -> None:
+    model, optimized, backend = toy
+    whole = _runner_for(backend.fresh(), whole=True)
+    caller = ToyCaller(model, optimized)
+    for seed in range(5):
+        caller.call(1, new_cache=True, seed=seed)  # ToyCaller checks the caller's cache each call
+    assert len(replays) == 3
+    (entry,) = whole.entries.values()
+    assert len(entry.staged.copy_back) == 3 and not entry.staged.checked  # cache, step, scratch
+
+
+def test_sizes_past_the_largest_capture_size_run_uncaptured(toy: Any, replays: list) -> None:
+    model, optimized, backend = toy
+    runners = backend.fresh()
+    caller = ToyCaller(model, optimized)
+    for seed in range(4):
+        caller.call(SIZES[-1] + 1, seed=seed)
+    assert replays == []
+    note = _runner_for(runners, whole=False).stats.note
+    assert note == f"leading size {SIZES[-1] + 1} is more than the largest capture size {SIZES[-1]}"
+
+
+def test_shapes_that_change_every_call_say_so(toy: Any) -> None:
+    model, optimized, backend = toy
+    pieces = _runner_for(backend.fresh(), whole=False)
+    caller = ToyCaller(model, optimized)
+    for batch in (2, 3, 2, 3):
+        caller.call(batch)
+    assert pieces.stats.captured_sizes == () and pieces.stats.note == CHANGING
+
+
+@pytest.mark.parametrize("mutant", ["no staging", "no clone"])
+def test_the_simulator_catches_a_runner_that_skips_staging_or_cloning(
+        toy: Any, monkeypatch: pytest.MonkeyPatch, mutant: str) -> None:
+    """A replay that reads stale buffers, or hands out graph memory, fails the checks above."""
+    model, optimized, backend = toy
+    backend.fresh()
+    if mutant == "no staging":
+        monkeypatch.setattr(StagedInputs, "load", lambda self, args: None)
+    else:
+        monkeypatch.setattr(signature_module, "_finish", lambda outputs, clone: outputs)
+    caller = ToyCaller(model, optimized)
+    with pytest.raises(AssertionError):
+        for seed in range(5):
+            caller.call(1, seed=seed)
+        caller.check_held()
+
+
+def _traced_runner(function: Any, capture_failure: str = "raise") -> SignatureRunner:
+    """A signature runner over a traced one-input graph of static shapes."""
+    return SignatureRunner(fx.symbolic_trace(function),
+                           GraphInputs(frozenset(), static_shapes=True), [torch.randn(2, 3)],
+                           graph_device=SimulatedGraphDevice("cpu"), capture_sizes=SIZES,
+                           options=CaptureOptions(capture_failure=capture_failure))
+
+
+def _item_runner(capture_failure: str) -> SignatureRunner:
+    return _traced_runner(lambda x: x * x.abs().max().item(), capture_failure)  # a host sync
+
+
+def test_grad_mode_runs_uncaptured(replays: list) -> None:
+    runner = _traced_runner(lambda x: x * 2)
+    x = torch.randn(2, 3, requires_grad=True)
+    with torch.enable_grad():
+        for _ in range(3):
+            assert runner(x).requires_grad
+    assert replays == [] and "grad mode" in runner.stats.note
+    with torch.no_grad():
+        for _ in range(3):
+            runner(x)
+    assert len(replays) == 1
+
+
+def test_a_graph_that_cannot_be_captured_raises_or_runs_uncaptured(
+        caplog: pytest.LogCaptureFixture, replays: list) -> None:
+    x = torch.randn(2, 3)
+    raising = _item_runner("raise")
+    with torch.no_grad():
+        raising(x)
+        with pytest.raises(PieceCaptureError, match="capture_failure='eager'"):
+            raising(x)
+    eager = _item_runner("eager")
+    with caplog.at_level(logging.WARNING, logger="runtime.signature_runner"), torch.no_grad():
+        for _ in range(4):
+            torch.testing.assert_close(eager(x), x * x.abs().max())
+    assert len(caplog.records) == 1 and "at node %item" in caplog.records[0].message
+    assert replays == [] and eager.stats.note.startswith("capture failed")
+
+
+def test_a_simulated_graph_replays_on_its_capture_arguments() -> None:
+    """The simulator reads what it captured (as a CUDA graph does), not what is passed now."""
+    x = torch.ones(2, 3)
+    runner = _item_runner("raise")
+    graph, _ = runner.graph_device.capture_graph(lambda t: t * 2, [x], key=(), keep_outputs=True)
+    assert isinstance(graph, SimulatedGraph)
+    x.fill_(3.0)
+    graph.replay()
+    assert graph.outputs.tolist() == [[6.0] * 3] * 2
+
+
+def _accumulate(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    total.add_(x)
+    return total * 2
+
+
+def test_an_input_whose_address_keeps_changing_is_copied_after_churn(replays: list) -> None:
+    """Two totals used in turns, two calls each: each graph that reads one in place is dropped
+    at once; after MAX_CHURN such drops the signature copies it (and writes it back)."""
+    runner = SignatureRunner(fx.symbolic_trace(_accumulate),
+                             GraphInputs(frozenset(), static_shapes=True),
+                             [torch.randn(3), torch.zeros(3)],
+                             graph_device=SimulatedGraphDevice("cpu"), capture_sizes=SIZES)
+    totals, expected = [torch.zeros(3), torch.zeros(3)], [torch.zeros(3), torch.zeros(3)]
+    with torch.no_grad():
+        for call in range(2 * signature_module.MAX_CHURN + 6):
+            which = (call // 2) % 2 if call < 2 * signature_module.MAX_CHURN + 2 else call % 2
+            x = torch.randn(3)
+            expected[which] += x
+            torch.testing.assert_close(runner(x, totals[which]), expected[which] * 2)
+            torch.testing.assert_close(totals[which], expected[which])
+    (entry,) = runner.entries.values()
+    assert entry.staged.checked == () and [i for i, _ in entry.staged.copy_back] == [1]
+    assert len(replays) == 4  # the last four calls replay, whichever total they bring
+
+
+@pytest.mark.parametrize("debug", [True, False])
+def test_a_moved_weight_is_an_error_in_debug_mode_and_unseen_without(debug: bool) -> None:
+    weight = torch.randn(3)
+    runner = SignatureRunner(fx.symbolic_trace(lambda x, w: x * w),
+                             GraphInputs(frozenset({1}), static_shapes=True),
+                             [torch.randn(3), weight], graph_device=SimulatedGraphDevice("cpu"),
+                             capture_sizes=SIZES, options=CaptureOptions(debug=debug))
+    x = torch.randn(3)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(runner(x, weight), x * weight)
+        replaced = weight + 1
+        if debug:
+            with pytest.raises(StaticInputError, match="'w'.*expected the same tensor"):
+                runner(x, replaced)
+        else:  # as a CUDA graph would: the weight it was captured with
+            torch.testing.assert_close(runner(x, replaced), x * weight)
