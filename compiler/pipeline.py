@@ -35,8 +35,7 @@ from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
 from runtime.graph_device import CaptureOptions
 from runtime.input_snapshot import InputSnapshot, writable_inputs
-from runtime.memory import (MemoryProfile, kv_cache_bytes_per_token, resolve_kv_cache_tokens,
-                            weight_memory_bytes)
+from runtime.memory import weight_memory_bytes
 from runtime.runner import BucketRunner, graph_device_for, make_runner
 from runtime.signature_inputs import GraphInputs
 from runtime.signature_runner import SignatureRunner
@@ -112,7 +111,7 @@ def bucket_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any,
     """
     describe = getattr(model, "capture_spec", None)
     if callable(describe):
-        spec = describe(max(config.capture_sizes), kv_cache_tokens(model, config, device))
+        spec = describe(max(config.capture_sizes), config.kv_cache_tokens)
     else:
         token_inputs = tuple(i for i, value in enumerate(inputs)
                              if isinstance(value, torch.Tensor) and value.dim() > 0)
@@ -122,18 +121,8 @@ def bucket_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any,
                        token_input_indices=spec.token_input_indices,
                        warmup_runs=config.capture_warmup_runs, debug=config.debug,
                        capture_failure=config.capture_failure, simulate=config.simulate_capture,
-                       step_context=spec.step_context, static_decode=spec.static_decode)
-
-
-def kv_cache_tokens(model: Any, config: CompileConfig, device: torch.device,
-                    profile: MemoryProfile | None = None) -> int:
-    """Slots of the runner's KV cache for `config.kv_cache_tokens` ("auto": see runtime.memory).
-
-    `profile`: a profiling run's measurements; the runner passes one once it profiles after
-    capture (until then "auto" on CUDA takes runtime.memory.UNPROFILED_KV_CACHE_TOKENS)."""
-    bytes_per_token = kv_cache_bytes_per_token(model.attention_specs(), model.dtype)
-    return resolve_kv_cache_tokens(config.kv_cache_tokens, device, profile, bytes_per_token,
-                                   config.gpu_memory_utilization)
+                       step_context=spec.step_context, kv_cache=spec.kv_cache,
+                       memory_utilization=config.gpu_memory_utilization)
 
 
 def compile_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],

@@ -9,8 +9,11 @@ of the outputs back to n. More tokens than the largest bucket: the pieces run ea
 inputs as given, with one warning per runner. So does a call whose non-token, non-parameter tensor
 inputs differ in shape from the example inputs (an encoder-decoder prefill step when the graphs
 were captured for decode steps), and so does a step that reads the logits of some rows only
-(`runtime.logits_rows`: a prefill step; the graphs compute every row). Whole decode steps (one graph, attention included) come from
-`runtime/whole_step.py` when the runner is given a `StaticDecodeState`.
+(`runtime.logits_rows`: a prefill step; the graphs compute every row). Whole decode steps (one
+graph, attention included) come from `runtime/whole_step.py` when the runner is given a
+`KVCachePlan`: after the piecewise captures it builds its own KV caches (for "auto", sized by a
+profiling forward at the largest bucket on devices that profile, `runtime.memory`), then
+captures the whole steps over them.
 
 Each call's step mode (whole-step graph, piecewise replay, eager) is decided once, in
 `dispatch()`, and carried to the pieces in a frozen `StepDescriptor` (`runtime/step.py`).
@@ -29,6 +32,7 @@ int equal to their token count, is taken to be the token count and replaced by t
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -43,9 +47,10 @@ from tqdm import tqdm
 
 from runtime.graph_device import CaptureOptions, DeviceProperties, GraphDevice
 from runtime.logits_rows import selects_logits_rows
+from runtime.memory import MemoryProfile, weight_memory_bytes
 from runtime.piece_runner import PieceRunner, install_piece_runners
 from runtime.split import DEFAULT_SPLITTING_OPS, split_graph
-from runtime.static_decode import StaticDecodeState
+from runtime.static_decode import KVCachePlan, StaticDecodeState
 from runtime.static_inputs import StaticInputs
 from runtime.step import EAGER_STEP, StepDescriptor, StepMode, running
 from runtime.whole_step import WholeStepGraphs
@@ -86,7 +91,7 @@ class BucketRunner:
                  token_input_indices: Sequence[int] = (),
                  options: CaptureOptions = CaptureOptions(),
                  step_context: StepContext | None = None,
-                 static_decode: StaticDecodeState | None = None) -> None:
+                 kv_cache: KVCachePlan | None = None, memory_utilization: float = 0.9) -> None:
         sizes = tuple(capture_sizes)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
             raise ValueError(f"capture_sizes: expected positive ints, found {sizes!r}")
@@ -95,9 +100,10 @@ class BucketRunner:
         self.options = options
         self.step_context = step_context
         graphs = graph_device.uses_graphs
-        self.static_decode = static_decode if graphs else None
-        self.whole_steps = (WholeStepGraphs(static_decode, graph_device, options)
-                            if graphs and static_decode is not None else None)
+        self.kv_cache = kv_cache if graphs else None
+        self.memory_utilization = memory_utilization
+        self.static_decode: StaticDecodeState | None = None   # built by capture()
+        self.whole_steps: WholeStepGraphs | None = None
         self.capture_sizes = tuple(sorted(set(sizes))) if graphs else ()
         self.split = split_graph(gm, splitting_ops)
         self.piece_runners: tuple[PieceRunner, ...] = install_piece_runners(self.split, self)
@@ -121,7 +127,8 @@ class BucketRunner:
 
     # -- capture --------------------------------------------------------------------------
     def capture(self) -> RunnerStats:
-        """Warm up and capture every bucket, largest first; fills and returns `stats`."""
+        """Warm up and capture every bucket, largest first; then, given a KV cache plan, build
+        the runner's caches and capture whole decode steps over them. Fills `stats`."""
         if not self.capture_sizes or self.stats.captured_sizes:
             return self.stats  # nothing to capture, or captured already
         start = time.perf_counter()
@@ -130,23 +137,48 @@ class BucketRunner:
         with self.graph_device.capturing() as profiler:
             for bucket in tqdm(sizes, desc="capturing graphs", unit="size", disable=None):
                 leading_dims[bucket] = self._capture_bucket(bucket)
-            for bucket in sizes if self.whole_steps is not None else ():
-                if not self.whole_steps.capture(bucket, self._inputs.capture_args(bucket),
-                                                self._run_eagerly):
-                    break
         self._token_outputs = tuple(all(dims[i] == b for b, dims in leading_dims.items())
                                     for i in range(len(leading_dims[sizes[0]])))
+        graph_bytes = profiler.consumed_bytes
+        if self.kv_cache is not None:
+            graph_bytes += self._capture_whole_steps(self.kv_cache, graph_bytes)
         seconds = time.perf_counter() - start
         whole = self.whole_steps.sizes if self.whole_steps is not None else ()
         graphs = sum(len(p.entries) for p in self.piece_runners) + len(whole)
         self.stats = RunnerStats(
             pieces=len(self.split.pieces), captured_sizes=self.capture_sizes,
-            capture_seconds=seconds, graph_memory_bytes=profiler.consumed_bytes,
+            capture_seconds=seconds, graph_memory_bytes=graph_bytes,
             graphs=graphs, eager_pieces=self._eager_pieces(), decode_graph_sizes=whole,
             **self._cache_stats())
         logger.info("captured %d graphs for %d sizes in %.2f s, %.2f GiB", graphs,
-                    len(self.capture_sizes), seconds, profiler.consumed_bytes / 2**30)
+                    len(self.capture_sizes), seconds, graph_bytes / 2**30)
         return self.stats
+
+    def _capture_whole_steps(self, plan: KVCachePlan, graph_bytes: int) -> int:
+        """Build the runner's KV caches (sized now, after the piecewise graphs) and capture a
+        whole decode step per bucket over them; returns the memory those graphs keep."""
+        profile = ((lambda: self._profile_largest_step(graph_bytes))
+                   if self.graph_device.profiles_memory else None)
+        self.static_decode = plan.build(plan.slots(profile, self.memory_utilization))
+        self.whole_steps = WholeStepGraphs(self.static_decode, self.graph_device, self.options)
+        logger.info("runner KV cache: %d tokens, %.3f GiB", self.static_decode.num_slots,
+                    self.static_decode.cache_bytes / 2**30)
+        with self.graph_device.capturing() as profiler:
+            for bucket in sorted(self.capture_sizes, reverse=True):
+                if not self.whole_steps.capture(bucket, self._inputs.capture_args(bucket),
+                                                self._run_eagerly):
+                    break
+        return profiler.consumed_bytes
+
+    def _profile_largest_step(self, graph_bytes: int) -> MemoryProfile:
+        """An eager forward at the largest bucket (every row's logits: the most a step of that
+        size computes), measured by the device, with this model's weights and graphs."""
+        bucket = self.capture_sizes[-1]
+        args = self._inputs.capture_args(bucket)
+        with torch.no_grad(), self._step_context(bucket):
+            measured = self.graph_device.profile_forward(lambda: self._run_eagerly(*args))
+        return dataclasses.replace(measured, graph_bytes=graph_bytes,
+                                   weight_bytes=weight_memory_bytes(self.split.split_module))
 
     def _capture_bucket(self, bucket: int) -> list[int | None]:
         args = self._inputs.capture_args(bucket)
@@ -260,19 +292,23 @@ def make_runner(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                 splitting_ops: Sequence[Any] = DEFAULT_SPLITTING_OPS,
                 token_input_indices: Sequence[int], warmup_runs: int = 1, debug: bool = False,
                 capture_failure: str = "raise", simulate: bool = False,
-                step_context: StepContext | None = None,
-                static_decode: StaticDecodeState | None = None) -> BucketRunner:
+                step_context: StepContext | None = None, kv_cache: KVCachePlan | None = None,
+                memory_utilization: float = 0.9) -> BucketRunner:
     """Build the bucket runner for `device` (see `graph_device_for`) and capture its graphs.
 
     `step_context(num_tokens)`: a context manager entered around each warm-up and capture
     forward (set the per-step attention metadata there); calls need it set by the caller.
-    `static_decode`: capture whole decode steps too, reading that state (`runtime/whole_step.py`).
+    `kv_cache`: build the runner's own KV caches after the piecewise captures (sized from a
+    profiling forward for "auto" on devices that profile, taking `memory_utilization` of the
+    device less what the model needs besides) and capture whole decode steps over them
+    (`runtime/whole_step.py`).
     """
     options = CaptureOptions(warmup_runs=warmup_runs, capture_failure=capture_failure,
                              debug=debug)
     runner = BucketRunner(gm, example_inputs, graph_device=graph_device_for(device, simulate),
                           capture_sizes=capture_sizes, splitting_ops=splitting_ops,
                           token_input_indices=token_input_indices, options=options,
-                          step_context=step_context, static_decode=static_decode)
+                          step_context=step_context, kv_cache=kv_cache,
+                          memory_utilization=memory_utilization)
     runner.capture()
     return runner
