@@ -34,14 +34,18 @@ NOTES = {
                   "on CPU); prefill runs uncompiled, as in HF",
     "ours-eager": "fxkiln's model (models.from_hf), runtime.generate, eager",
     "fxkiln-graphs": "compile_model(ours), default config: passes, piecewise graphs, whole-step "
-                     "decode graphs; prefill eager with the varlen attention (triton on CUDA)",
+                     "decode graphs; prefill steps up to 2048 tokens replay piecewise graphs per "
+                     "prefill bucket (varlen attention and the LM head eager), longer ones eager",
+    "fxkiln-eager-prefill": "fxkiln-graphs with prefill_capture_sizes=() (prefill steps past the "
+                            "decode buckets run eagerly: what the prefill graphs save)",
     "fxkiln-chunked": "fxkiln-graphs with prefill_chunk_tokens=256 (chunked prefill mixed with "
                       "decode steps)",
     "fxkiln-native-attention": "fxkiln-graphs with kernels={'attention': 'native'} (one SDPA "
                                "call per sequence at prefill; decode steps piecewise)",
 }
 VARIANTS = tuple(NOTES)
-OURS = ("ours-eager", "fxkiln-graphs", "fxkiln-chunked", "fxkiln-native-attention")
+OURS = ("ours-eager", "fxkiln-graphs", "fxkiln-eager-prefill", "fxkiln-chunked",
+        "fxkiln-native-attention")
 
 
 def prompt_lengths(workload: str, batch: int) -> list[int]:
@@ -119,11 +123,15 @@ def our_generator(hf: Any, variant: str, device: torch.device
     runner: Any = model
     if variant != "ours-eager":
         kernels = {"attention": "native"} if variant == "fxkiln-native-attention" else {}
-        compiled = compile_model(model, config=CompileConfig(kernels=kernels))
+        config = CompileConfig(kernels=kernels)
+        if variant == "fxkiln-eager-prefill":
+            config = config.replace(prefill_capture_sizes=())
+        compiled = compile_model(model, config=config)
         report = compiled.report
         figures = dict(compile_s=report.compile_seconds, capture_s=report.capture_seconds,
                        graph_mib=report.graph_memory_bytes / 2**20,
                        kv_cache_tokens=report.kv_cache_tokens,
+                       captured_sizes=list(report.captured_sizes),
                        attention_kernel=report.kernels.get("attention"))
         runner = compiled
     chunk = 256 if variant == "fxkiln-chunked" else None

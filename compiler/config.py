@@ -56,6 +56,12 @@ class CompileConfig:
     # token-count buckets; () = none
     capture_sizes: tuple[int, ...] = config_field((1, 2, 4, 8, 16, 32), check=check_sizes,
                                                   env=parse_sizes)
+    # serving models (fxkiln's own, compile_model(hf)): token-count buckets for prefill steps
+    # above the largest capture size: piecewise graphs, attention and the LM head eager (the
+    # head on the rows a step reads); () = prefill steps past capture_sizes run eagerly
+    prefill_capture_sizes: tuple[int, ...] = config_field(
+        (48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048), check=check_sizes,
+        env=parse_sizes)
     # auto | cpu | cuda | cuda:N
     device: str = config_field("auto", check=check_device, env=str)
     # check each pass: before and after agree on random inputs (outputs and writes)
@@ -121,9 +127,10 @@ class CompileConfig:
         """A config from FXKILN_<FIELD> variables; the only reader of the environment in fxkiln.
 
         FXKILN_KERNELS="rms_norm=triton,silu_and_mul=native", FXKILN_PASSES="cleanup,..."
-        (or "default"), FXKILN_CAPTURE_SIZES="1,2,4" (empty: no capture), FXKILN_DEVICE,
-        FXKILN_VERIFY=0|1, FXKILN_DUMP_DIR (empty: none), FXKILN_SPLITTING_OPS=
-        "fxkiln::attention,..." (or "default"), FXKILN_CAPTURE_WARMUP_RUNS,
+        (or "default"), FXKILN_CAPTURE_SIZES="1,2,4" (empty: no capture),
+        FXKILN_PREFILL_CAPTURE_SIZES="64,128" (empty: none), FXKILN_DEVICE, FXKILN_VERIFY=0|1,
+        FXKILN_DUMP_DIR (empty: none), FXKILN_SPLITTING_OPS="fxkiln::attention,..." (or
+        "default"), FXKILN_CAPTURE_WARMUP_RUNS,
         FXKILN_CAPTURE_FAILURE=raise|eager, FXKILN_SIMULATE_CAPTURE=0|1, FXKILN_DEBUG=0|1,
         FXKILN_KV_CACHE_TOKENS=auto|N, FXKILN_GPU_MEMORY_UTILIZATION=0.9. Any other FXKILN_*
         variable is an error.

@@ -33,10 +33,10 @@ from compiler.config import CompileConfig
 from compiler.pass_manager import PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
-from runtime.graph_device import CaptureOptions
+from runtime.graph_device import CaptureOptions, graph_device_for
 from runtime.input_snapshot import InputSnapshot, writable_inputs
 from runtime.memory import weight_memory_bytes
-from runtime.runner import BucketRunner, graph_device_for, make_runner
+from runtime.runner import BucketRunner, make_runner
 from runtime.signature_inputs import GraphInputs
 from runtime.signature_runner import SignatureRunner
 from runtime.split import DEFAULT_SPLITTING_OPS
@@ -105,19 +105,22 @@ def bucket_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any,
                   config: CompileConfig, device: torch.device) -> BucketRunner:
     """Split `gm` at the splitting ops and capture its pieces per token-count bucket.
 
-    Models that say how to capture them (`capture_spec`, fxkiln's own) are captured for their
-    decode steps; any other model for calls shaped like its example inputs, dim 0 of every
-    tensor input being the token dimension.
+    Models that say how to capture them (`capture_spec`: serving models) are captured for
+    their decode steps, and for prefill steps at `prefill_capture_sizes`; any other model for
+    calls shaped like its example inputs, dim 0 of every tensor input being the token
+    dimension, at `capture_sizes` only.
     """
     describe = getattr(model, "capture_spec", None)
+    prefill_sizes: tuple[int, ...] = ()
     if callable(describe):
         spec = describe(max(config.capture_sizes), config.kv_cache_tokens)
+        prefill_sizes = config.prefill_capture_sizes
     else:
         token_inputs = tuple(i for i, value in enumerate(inputs)
                              if isinstance(value, torch.Tensor) and value.dim() > 0)
         spec = CaptureSpec(inputs, token_input_indices=token_inputs)
     return make_runner(gm, spec.example_inputs, device=device, capture_sizes=config.capture_sizes,
-                       splitting_ops=_splitting_ops(config),
+                       prefill_sizes=prefill_sizes, splitting_ops=_splitting_ops(config),
                        token_input_indices=spec.token_input_indices,
                        warmup_runs=config.capture_warmup_runs, debug=config.debug,
                        capture_failure=config.capture_failure, simulate=config.simulate_capture,

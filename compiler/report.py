@@ -35,6 +35,7 @@ class CompileReport:
     pieces: int = 0
     captured_sizes: tuple[int, ...] = ()
     decode_graph_sizes: tuple[int, ...] = ()   # sizes whose whole decode step is one graph
+    prefill_graph_sizes: tuple[int, ...] = ()  # prefill buckets: pieces replay, LM head eager
     captured_signatures: tuple[str, ...] = ()  # Dynamo graphs: the signatures with graphs
     capture_seconds: float = 0.0
     graph_memory_bytes: int = 0
@@ -48,6 +49,7 @@ class CompileReport:
         """Take the runtime figures of a runner's `RunnerStats`."""
         self.pieces, self.captured_sizes = stats.pieces, stats.captured_sizes
         self.decode_graph_sizes = stats.decode_graph_sizes
+        self.prefill_graph_sizes = stats.prefill_graph_sizes
         self.captured_signatures = stats.captured_signatures
         self.capture_seconds = stats.capture_seconds
         self.graph_memory_bytes = stats.graph_memory_bytes
@@ -85,6 +87,8 @@ class CompileReport:
                      f"{self.graph_memory_bytes / 2**20:.1f} MiB graph memory")
         whole = ", ".join(map(str, self.decode_graph_sizes)) or "none"
         lines.append(f"  decode steps   one graph each at sizes: {whole}")
+        prefill = ", ".join(map(str, self.prefill_graph_sizes)) or "none"
+        lines.append(f"  prefill steps  pieces replay, LM head eager, at sizes: {prefill}")
         lines.append(f"  memory         weights {self.weight_memory_bytes / 2**30:.3f} GiB, "
                      f"graphs {self.graph_memory_bytes / 2**30:.3f} GiB, KV cache "
                      f"{self.kv_cache_tokens} tokens {self.kv_cache_bytes / 2**30:.3f} GiB")

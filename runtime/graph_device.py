@@ -133,3 +133,16 @@ def gc_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def graph_device_for(device: torch.device | str, simulate: bool = False) -> GraphDevice:
+    """The replay simulator (CUDA-graph buffer semantics with eager kernels, any device) when
+    `simulate`; else CUDA graphs on CUDA devices and no graphs on the CPU."""
+    device = torch.device(device)
+    if simulate:
+        from runtime.replay_simulator import SimulatedGraphDevice
+        return SimulatedGraphDevice(device)
+    if device.type == "cuda":
+        from runtime.cuda_runner import CUDAGraphDevice
+        return CUDAGraphDevice(device)
+    return GraphDevice(device)

@@ -89,6 +89,8 @@ NON_DEFAULT: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], str]]] = {
     "capture_sizes": (st.lists(st.integers(1, 64), max_size=4, unique=True)
                       .map(lambda v: tuple(sorted(v))).filter(lambda v: v != (1, 2, 4, 8, 16, 32)),
                       lambda v: ",".join(map(str, v))),
+    "prefill_capture_sizes": (st.lists(st.integers(1, 4096), max_size=4, unique=True)
+                              .map(lambda v: tuple(sorted(v))), lambda v: ",".join(map(str, v))),
     "device": (st.sampled_from(["cpu", "cuda", "cuda:1"]), str),
     "verify": (st.just(True), lambda v: "1"),
     "dump_dir": (st.text("abc/_", min_size=1, max_size=8), str),

@@ -78,7 +78,8 @@ def test_a_plan_profiles_only_for_auto_on_a_device_that_profiles() -> None:
         return memory.MemoryProfile(80 * GiB, 80 * GiB, 0)
 
     def plan(tokens: int | str) -> KVCachePlan:
-        return KVCachePlan(tokens, 1024, build=lambda slots: None)  # type: ignore[arg-type,return-value]  # never built here
+        never_built: Any = None  # slots() sizes; build() is the runner's
+        return KVCachePlan(tokens, 1024, build=lambda slots: never_built)
 
     assert plan(123).slots(profile, 0.5) == 123 and not calls
     assert plan("auto").slots(None, 0.5) == memory.CPU_KV_CACHE_TOKENS
@@ -125,7 +126,8 @@ def test_report_and_log_give_weights_graphs_and_cache(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.INFO, logger="models"):
         model = from_hf(build_hf("llama", seed=3))
     assert any("Loading model weights took" in r.getMessage() for r in caplog.records)
-    config = CompileConfig(device="cpu", capture_sizes=(1, 2), simulate_capture=True)
+    config = CompileConfig(device="cpu", capture_sizes=(1, 2), simulate_capture=True,
+                           prefill_capture_sizes=())
     report = compile_model(model, config=config).report
     per_token = memory.kv_cache_bytes_per_token(model.attention_specs(), model.dtype)
     assert report.weight_memory_bytes == memory.weight_memory_bytes(model) > 0

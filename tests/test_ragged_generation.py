@@ -17,13 +17,15 @@ from models import ProjectModel, from_hf
 from runtime import generate
 from runtime.forward_context import get_forward_context, set_forward_context
 from runtime.generation import DecodeSession
+from runtime.runner import BucketRunner
+from runtime.step import StepMode
 from tests.generation_helpers import RecordingModel, finish_at_eos, staggered_eos
 from tests.model_oracle import build_hf, decoder_prompt, hf_generate_eos, random_ids
 
 STEPS = 6
 LENGTHS = (5, 1, 9, 3)
 SIMULATED = CompileConfig(device="cpu", capture_sizes=(1, 2, 4, 8), simulate_capture=True,
-                          debug=True)
+                          debug=True, prefill_capture_sizes=(12, 16, 24))  # prefill graphs too
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +262,31 @@ def test_ragged_batches_on_cuda_graphs_give_hf_alone_tokens(kind: str) -> None:
             tokens = ours(runner, kind, prompts, eos_token_id=eos, pad_token_id=0,
                           prefill_chunk_tokens=chunk)
             assert torch.equal(tokens.cpu(), expected), (runner, chunk)
+
+
+@pytest.mark.gpu
+def test_prefill_steps_replay_cuda_graphs_and_decode_steps_one_graph(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA graphs: a prefill of 59 tokens replays the pieces of prefill bucket 64 (its LM
+    head eager, on the 3 rows read), every decode step one whole-step graph; eager's tokens
+    (which are HF's: the tests above)."""
+    hf = build_hf("llama", seed=34).cuda()
+    model = from_hf(hf)
+    compiled = compile_model(model, config=CompileConfig(
+        device="cuda", capture_sizes=(1, 2, 4), prefill_capture_sizes=(32, 64)))
+    steps: list[Any] = []
+    dispatch = BucketRunner.dispatch
+
+    def recording(runner: BucketRunner, num_tokens: int, inputs: Any) -> Any:
+        steps.append((num_tokens, dispatch(runner, num_tokens, inputs)))
+        return steps[-1][1]
+
+    monkeypatch.setattr(BucketRunner, "dispatch", recording)
+    prompts = [p.cuda() for p in ragged((30, 9, 20), hf.config.vocab_size, seed=91)]
+    expected = ours(model, "llama", prompts, ignore_eos=True)
+    steps.clear()
+    assert torch.equal(ours(compiled, "llama", prompts, ignore_eos=True), expected)
+    first = steps[0][1]
+    assert steps[0][0] == 59 and (first.mode, first.key, first.eager_logits) == \
+        (StepMode.PIECEWISE, 64, True)
+    assert [step.mode for _, step in steps[1:]] == [StepMode.FULL] * (STEPS - 1)
