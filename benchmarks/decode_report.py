@@ -48,6 +48,10 @@ NOTES = {  # what the figures of a row mean, written into every result
     "weight_bytes": "weights one decode step reads (decoder + LM head; not the encoder nor "
                     "BART's cross-attention K/V projections); weight_read_bound_ms = "
                     "weight_bytes / copy bandwidth (read + write bytes of a device copy)",
+    "kernels_per_step": "fxkiln rows on CUDA: the kernel census (benchmarks/kernel_census.py) "
+                        "of 5 decode steps run again over the timed context under torch.profiler:"
+                        " compute kernels per step and their time (kernel_ms_per_step), copies "
+                        "and memsets apart, by category, and the costliest kernels",
 }
 
 
@@ -170,13 +174,14 @@ def dump(result: dict[str, Any]) -> str:
 def table(result: dict[str, Any]) -> str:
     """The README's markdown table: one line per (model, batch, variant), failures listed after."""
     header = ("| model | batch | variant | step ms | x HF eager | x compile | x reduce-overhead "
-              "| of weight-read bound | compile s | capture s | graph MiB | argmax agrees |")
+              "| of weight-read bound | kernels/step | kernel ms | compile s | capture s "
+              "| graph MiB | argmax agrees |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     failures = []
     for row in result["rows"]:
         cells = [row["model"], str(row["batch"]), row["variant"]]
         if row.get("status") != "ok":
-            cells += [row.get("status", "failed")] + ["-"] * 8
+            cells += [row.get("status", "failed")] + ["-"] * 10
             last = (row.get("error") or "").strip().splitlines()[-1:] or ["no output"]
             failures.append(f"- {row['model']} batch {row['batch']} {row['variant']}: "
                             f"{row.get('status')}: `{last[0][:160]}`")
@@ -186,6 +191,8 @@ def table(result: dict[str, Any]) -> str:
             cells += [_times(speedups.get(peer)) for peer in TABLE_PEERS]
             fraction = row.get("bound_fraction")
             cells += ["-" if fraction is None else f"{100 * fraction:.1f}%",
+                      _number(row.get("kernels_per_step"), "{:.0f}"),
+                      _number(row.get("kernel_ms_per_step"), "{:.3f}"),
                       _number(row.get("compile_s"), "{:.1f}"),
                       _number(row.get("capture_s"), "{:.2f}"),
                       _number(None if row.get("graph_memory_bytes") is None

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.decode_report import OUR_VARIANTS, SERVING_VARIANTS
+from benchmarks.kernel_census import session_census
 
 CONTEXT = 256
 WARMUP_STEPS, TIMED_STEPS = 5, 20
@@ -185,12 +186,13 @@ def hf_stepper(hf: Any, variant: str, made: dict[str, torch.Tensor], backend: An
     return step
 
 
-def our_stepper(step_model: Any, spec_model: Any, batch: int, made: dict[str, torch.Tensor],
-                device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
-    """Prefill our (eager or compiled) model through DecodeSession; return its decode step and
-    whether the session runs on the compiled runner's own caches (whole-step decode graphs).
+def our_session(step_model: Any, spec_model: Any, batch: int, made: dict[str, torch.Tensor],
+                device: torch.device) -> tuple[Any, bool]:
+    """Prefill our (eager or compiled) model through DecodeSession; return the session (its
+    `decode` is the step) and whether it runs on the compiled runner's own caches (whole-step
+    decode graphs).
 
-    The session leases those caches until it is garbage: drop the step before the next one."""
+    The session leases those caches until it is garbage: drop it before the next one."""
     from runtime.generation import DecodeSession
 
     prompt_len = made["prompt"].shape[1]
@@ -200,7 +202,7 @@ def our_stepper(step_model: Any, spec_model: Any, batch: int, made: dict[str, to
     source = made["source"] if encoder_len else None
     session.prefill(made["prompt"], source)  # logits (batch, prompt_len, vocab), dropped
     state = getattr(step_model, "static_decode", None)
-    return session.decode, state is not None and session.kv_caches is state.kv_caches
+    return session, state is not None and session.kv_caches is state.kv_caches
 
 
 def run_variant(model_name: str, variant: str, batches: list[int], device: torch.device
@@ -226,11 +228,12 @@ def run_variant(model_name: str, variant: str, batches: list[int], device: torch
         row = {**base, "batch": batch, "weight_bytes": weights, "kv_read_bytes": kv_bytes[batch]}
         with torch.no_grad():
             if ours:
-                step, whole_steps = our_stepper(ours["step_model"], ours["model"], batch, made,
-                                                device)
-                timing = time_steps(step, made["first_tokens"], device)
+                session, whole_steps = our_session(ours["step_model"], ours["model"], batch,
+                                                   made, device)
+                timing = time_steps(session.decode, made["first_tokens"], device)
                 row.update(ours["figures"], runner_kv_caches=whole_steps)
-                del step  # releases the runner's caches for the next batch's session
+                row.update(session_census(session, made["first_tokens"], device) or {})
+                del session  # releases the runner's caches for the next batch's session
                 gc.collect()
             else:
                 row.update(_run_hf(hf, variant, made, device))

@@ -8,7 +8,8 @@ steps through `DecodeSession` (as benchmarks/piecewise_decode.py does), then rep
                     static buffers), replay (replayed pieces: copies + graph launch),
                     attention (pieces run eagerly: the attention ops), finish (slicing/cloning
                     outputs), and the rest of the step (split-module Python, argmax, context)
-    kernels_ms      device kernel time per step (torch.profiler, CUDA only)
+    kernels_ms      device kernel time per step, with the rest of the kernel census
+                    (benchmarks/kernel_census.py: kernels per step, by category, top kernels)
 and writes the top host functions of a cProfile of the timed steps.
 
     python benchmarks/profile_decode.py [--device cuda] [--models bart-large,llama-1b]
@@ -37,8 +38,8 @@ from compiler import CompileConfig, compile_model  # noqa: E402
 from models import from_hf  # noqa: E402
 from models.presets import TINY_OF, hf_model  # noqa: E402
 from runtime import runner as runner_module, session as session_module  # noqa: E402
-from runtime.generation import DecodeSession  # noqa: E402
-from piecewise_decode import CONTEXT, _sync, prefilled_session  # noqa: E402  (one session setup)
+from kernel_census import session_census  # noqa: E402  (the one census)
+from piecewise_decode import _sync, prefilled_session  # noqa: E402  (one session setup)
 from runtime.piece_runner import PieceRunner  # noqa: E402
 
 WARMUP, TIMED = 30, 50
@@ -93,23 +94,11 @@ def profile(compiled: Any, model: Any, batch: int, device: torch.device, out: Pa
     (out / f"cprofile-{label}.txt").write_text(text.getvalue())
     row: dict[str, Any] = {"step_ms": 1e3 * statistics.median(walls)}
     row.update({f"{k}_ms": 1e3 * statistics.median(v) for k, v in hosts.items()})
-    if device.type == "cuda":
-        row["kernels_ms"] = kernel_ms(session, tokens, device)
+    census = session_census(session, tokens, device)
+    if census is not None:
+        row["kernels_ms"] = census["kernel_ms_per_step"]
+        row.update(census)
     return row
-
-
-def kernel_ms(session: DecodeSession, tokens: torch.Tensor, device: torch.device) -> float:
-    """Device kernel time of one decode step (sum of kernel durations, mean of a few steps)."""
-    steps = 5
-    session.context_lens = [CONTEXT - steps - 1] * session.batch  # reuse the session's room
-    activities = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            tokens = session.decode(tokens).argmax(-1)
-        _sync(device)
-    total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total
-                   and e.key and not e.key.startswith("ProfilerStep"))
-    return total_us / 1e3 / steps
 
 
 def main() -> None:

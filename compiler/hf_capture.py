@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 CAPTURE_TOKENS = {DECODER: 5, ENCODER: 7}  # >= 2 (Dynamo specializes 0 and 1), and distinct
 CAPTURE_SEQUENCES = 2                      # sequences of a batched (speech) encoder input
-MATCHED_ATTENTION = ("eager", "sdpa")      # implementations whose graphs the passes match
-CAPTURE_ATTENTION = "sdpa"                 # captured instead of any other implementation
+# Captured instead of any other implementation: eager attention is plain torch ops on every
+# device, where SDPA's graph on CUDA aligns masks to multiples of 8 (padded mask values, and
+# guards on the token count the export solver cannot prove), so one capture serves all devices.
+CAPTURE_ATTENTION = "eager"
 
 
 class UnsupportedModelError(ValueError):
@@ -140,7 +142,9 @@ def capture_hf(hf: nn.Module) -> fx.GraphModule:
     inputs, dynamic = [], []
     for stream in streams:
         n = CAPTURE_TOKENS[stream]
-        dim = torch.export.Dim(f"{stream}_tokens")
+        # DYNAMIC, not a named Dim: device kernels add guards on the token count that hold for
+        # every count but that the export solver cannot prove (CUDA SDPA aligns masks to 8)
+        dim = torch.export.Dim.DYNAMIC
         ids = torch.zeros(n, dtype=torch.long, device=parameter.device)
         if stream == ENCODER and speech:  # two sequences of features, a symbolic count
             ids = torch.zeros(CAPTURE_SEQUENCES, *speech[:2], dtype=parameter.dtype,
@@ -173,10 +177,10 @@ def capture_hf(hf: nn.Module) -> fx.GraphModule:
 
 @contextlib.contextmanager
 def _matched_attention(hf: Any) -> Iterator[None]:
-    """Capture with SDPA when the model's attention implementation is not one the passes match
-    (flash, flex...): the weights are the same, and the passes replace attention anyway."""
+    """Capture with eager attention whatever the model's implementation (SDPA, flash, flex...):
+    the weights are the same, and the passes replace attention anyway (see CAPTURE_ATTENTION)."""
     current = getattr(hf.config, "_attn_implementation", None)
-    if current in MATCHED_ATTENTION or not hasattr(hf, "set_attn_implementation"):
+    if current == CAPTURE_ATTENTION or not hasattr(hf, "set_attn_implementation"):
         yield
         return
     logger.info("capturing %s with %s attention instead of %s", type(hf).__name__,

@@ -148,7 +148,8 @@ def compile_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
                     f"(CompileConfig(simulate_capture=True) simulates them)")
         options = CaptureOptions(warmup_runs=config.capture_warmup_runs,
                                  capture_failure=config.capture_failure, debug=config.debug)
-        return SignatureRunner(rewritten, dynamo_graph_inputs(rewritten, inputs), inputs,
+        graph_inputs = dynamo_graph_inputs(rewritten, inputs, config.resolved_device())
+        return SignatureRunner(rewritten, graph_inputs, inputs,
                                graph_device=graph_device, capture_sizes=config.capture_sizes,
                                splitting_ops=_splitting_ops(config), options=options,
                                on_stats=report.set_runtime)
@@ -157,12 +158,17 @@ def compile_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any],
                          run_context=snapshot.restoring, build_runner=build)
 
 
-def dynamo_graph_inputs(gm: fx.GraphModule, inputs: Sequence[Any]) -> GraphInputs:
-    """Which of a Dynamo graph's inputs are static, host scalars; whether its shapes are static.
+def dynamo_graph_inputs(gm: fx.GraphModule, inputs: Sequence[Any],
+                        device: torch.device | None = None) -> GraphInputs:
+    """Which of a Dynamo graph's inputs are static, host scalars, host tensors a device graph
+    reads through a mirror; whether its shapes are static.
 
     Static: placeholders `dynamo_propagator` marked (parameters, buffers) and tensors marked
     with `torch._dynamo.mark_static_address`. Host scalars: Python numbers Dynamo passes as
-    0-dim CPU tensors. Static shapes: no SymInt input and no symbolic size in any input.
+    0-dim CPU tensors. Mirrored (graphs for a CUDA `device` only): the other CPU tensors, such
+    as a Hugging Face StaticCache's position counter when the cache was set up inside a compiled
+    prefill; a graph that reads one cannot be captured (its copy to the device syncs), so it
+    reads a device copy instead. Static shapes: no SymInt input and no symbolic size in any input.
     """
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     static, scalars, static_shapes = set(), set(), True
@@ -176,8 +182,12 @@ def dynamo_graph_inputs(gm: fx.GraphModule, inputs: Sequence[Any]) -> GraphInput
                 isinstance(example, torch.Tensor)
                 and any(isinstance(size, torch.SymInt) for size in example.shape)):
             static_shapes = False
-    return GraphInputs(declared_static=frozenset(static), host_scalars=frozenset(scalars),
-                       static_shapes=static_shapes)
+    mirrored = frozenset() if device is None or device.type == "cpu" else frozenset(
+        i for i, value in enumerate(inputs)
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu" and i not in scalars)
+    return GraphInputs(declared_static=frozenset(static - mirrored),
+                       host_scalars=frozenset(scalars), static_shapes=static_shapes,
+                       mirrored=mirrored, device=device if mirrored else None)
 
 
 def optimize_graph(gm: fx.GraphModule, inputs: Sequence[Any], config: CompileConfig,

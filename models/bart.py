@@ -1,5 +1,8 @@
 """BART: encoder-decoder, post-LayerNorm, learned positions (offset 2), tied embeddings.
 
+Every LayerNorm follows a residual add (post-LN), so each is one `fused_add_layer_norm`
+dispatch op (the sum it also returns is unread).
+
 Forward over flattened tokens:
     forward(input_ids, positions, encoder_input_ids, encoder_positions) -> logits (tokens, vocab)
 The encoder runs on whatever encoder tokens the step carries: all of them on the first step, none
@@ -96,9 +99,10 @@ class BartEncoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.self_attn_layer_norm(hidden_states + self.self_attn(hidden_states))
+        hidden_states, _ = self.self_attn_layer_norm(self.self_attn(hidden_states), hidden_states)
         feed_forward = self.fc2(self.activation_fn(self.fc1(hidden_states)))  # (tokens, d_model)
-        return self.final_layer_norm(hidden_states + feed_forward)
+        hidden_states, _ = self.final_layer_norm(feed_forward, hidden_states)  # add + norm
+        return hidden_states
 
 
 class BartDecoderLayer(nn.Module):
@@ -117,11 +121,12 @@ class BartDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.self_attn_layer_norm(hidden_states + self.self_attn(hidden_states))
+        hidden_states, _ = self.self_attn_layer_norm(self.self_attn(hidden_states), hidden_states)
         cross = self.encoder_attn(hidden_states, encoder_hidden_states)
-        hidden_states = self.encoder_attn_layer_norm(hidden_states + cross)
+        hidden_states, _ = self.encoder_attn_layer_norm(cross, hidden_states)
         feed_forward = self.fc2(self.activation_fn(self.fc1(hidden_states)))  # (tokens, d_model)
-        return self.final_layer_norm(hidden_states + feed_forward)
+        hidden_states, _ = self.final_layer_norm(feed_forward, hidden_states)  # add + norm
+        return hidden_states
 
 
 class BartStack(nn.Module):
@@ -141,7 +146,8 @@ class BartStack(nn.Module):
         tokens = self.embed_tokens(input_ids)  # (tokens, d_model)
         if self.embed_scale != 1.0:
             tokens = tokens * self.embed_scale
-        return self.layernorm_embedding(tokens + self.embed_positions(positions))
+        normed, _ = self.layernorm_embedding(tokens, self.embed_positions(positions))  # add + norm
+        return normed
 
 
 class BartModel(nn.Module):

@@ -32,6 +32,10 @@ PRESETS: dict[str, Callable[[], Any]] = {
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
         max_position_embeddings=8192, tie_word_embeddings=True),
+    "llama-8b": lambda: _llama(  # the Llama-3-8B shape (bf16 weights: 16 GB)
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+        max_position_embeddings=8192, tie_word_embeddings=False),
     "bart-tiny": lambda: _bart(
         vocab_size=512, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
@@ -40,7 +44,7 @@ PRESETS: dict[str, Callable[[], Any]] = {
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
 }
-TINY_OF = {"bart-large": "bart-tiny", "llama-1b": "llama-tiny"}
+TINY_OF = {"bart-large": "bart-tiny", "llama-1b": "llama-tiny", "llama-8b": "llama-tiny"}
 
 
 def hf_config(name: str) -> Any:

@@ -8,6 +8,7 @@ from passes.lift_act_and_mul import LiftActAndMulPass
 from passes.lift_add_rms_norm import LiftAddRmsNormPass
 from passes.lift_rms_norm import LiftRmsNormPass
 from passes.lift_rotary import LiftRotaryPass
+from passes.linear_epilogue import LinearEpiloguePass
 from passes.qkv_fuse import QkvFusePass
 from passes.qkv_split import QkvSplitPass
 
@@ -15,8 +16,10 @@ from passes.qkv_split import QkvSplitPass
 # projections before qkv_fuse joins separate ones (gate_proj and up_proj too, into the one
 # projection whose halves lift_act_and_mul reads); the lifting passes turn the idioms models
 # spell out in torch ops into dispatch ops (lift_add_rms_norm fuses the adds before the norms
-# lift_rms_norm wrote); kernel_choice then rewrites every dispatch op, lifted or written by
-# the model, into its chosen kernel; cleanup last tidies up after the rewrites before it.
+# lift_rms_norm wrote); linear_epilogue turns the projections left into fxkiln.linear, folding
+# in an activation that is their only reader (the lifted SiLU-and-mul of a fused gate_up too);
+# kernel_choice then binds every dispatch op, lifted or written by the model, to its chosen
+# kernel; cleanup last tidies up after the rewrites before it.
 PASSES: dict[str, type[GraphPass]] = {
     QkvSplitPass.name: QkvSplitPass,
     QkvFusePass.name: QkvFusePass,
@@ -24,11 +27,12 @@ PASSES: dict[str, type[GraphPass]] = {
     LiftAddRmsNormPass.name: LiftAddRmsNormPass,
     LiftActAndMulPass.name: LiftActAndMulPass,
     LiftRotaryPass.name: LiftRotaryPass,
+    LinearEpiloguePass.name: LinearEpiloguePass,
     KernelChoicePass.name: KernelChoicePass,
     CleanupPass.name: CleanupPass,
 }
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "qkv_split", "qkv_fuse", "lift_rms_norm", "lift_add_rms_norm", "lift_act_and_mul",
-    "lift_rotary", "kernel_choice", "cleanup")
+    "lift_rotary", "linear_epilogue", "kernel_choice", "cleanup")
 
 __all__ = ["DEFAULT_PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult"]

@@ -10,9 +10,8 @@ import torch
 from torch import fx
 from torch.nn.functional import gelu, silu
 
-from passes.base import GraphPass, PassResult
 from passes.fx_utils import tensor_meta
-from passes.patterns import Match, Pattern, rewrite_matches
+from passes.patterns import Match, Pattern, PatternPass
 import runtime.ops  # noqa: F401  (registers torch.ops.fxkiln.*)
 
 logger = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ GELU_AND_MUL = torch.ops.fxkiln.gelu_and_mul.default
 GELU_APPROXIMATIONS = ("none", "tanh")
 
 
-class LiftActAndMulPass(GraphPass):
+class LiftActAndMulPass(PatternPass):
     """Rewrites a gated MLP's activation and product into silu_and_mul or gelu_and_mul.
 
     Llama-family MLPs compute `act(gate_proj(x)) * up_proj(x)`: after qkv_fuse has joined the
@@ -78,11 +77,7 @@ class LiftActAndMulPass(GraphPass):
 
     name = "lift_act_and_mul"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        matches = rewrite_matches(gm, PATTERNS, lambda match: self._rewrite(gm, match))
-        if matches:
-            gm.recompile()
-        return PassResult(gm, modified=matches > 0, matches=matches)
+    patterns = PATTERNS
 
     @staticmethod
     def applies(match: Match) -> bool:

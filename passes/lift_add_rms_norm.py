@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from passes.base import GraphPass, PassResult
 from passes.fx_utils import same_shape, tensor_meta
-from passes.patterns import Match, Pattern, rewrite_matches
+from passes.patterns import Match, Pattern, PatternPass
 import runtime.ops  # noqa: F401  (registers torch.ops.fxkiln.*)
 
 logger = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ PATTERNS = tuple(Pattern.of(name, _pattern(norm)) for name, norm in (
 FUSED = torch.ops.fxkiln.fused_add_rms_norm.default
 
 
-class LiftAddRmsNormPass(GraphPass):
+class LiftAddRmsNormPass(PatternPass):
     """Fuses the residual add before an RMSNorm into fxkiln's fused_add_rms_norm.
 
     A pre-norm decoder adds each block's output to the residual stream and normalizes the sum
@@ -59,11 +58,7 @@ class LiftAddRmsNormPass(GraphPass):
 
     name = "lift_add_rms_norm"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        matches = rewrite_matches(gm, PATTERNS, lambda match: self._rewrite(gm, match))
-        if matches:
-            gm.recompile()
-        return PassResult(gm, modified=matches > 0, matches=matches)
+    patterns = PATTERNS
 
     @staticmethod
     def applies(match: Match) -> bool:

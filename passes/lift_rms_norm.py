@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import fx
 
-from passes.base import GraphPass, PassResult
 from passes.fx_utils import (
     add_constant,
     constant_name,
@@ -17,7 +16,7 @@ from passes.fx_utils import (
     static_dtype,
     tensor_meta,
 )
-from passes.patterns import Match, Pattern, rewrite_matches
+from passes.patterns import Match, Pattern, PatternPass
 import runtime.ops  # noqa: F401  (registers torch.ops.fxkiln.*)
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ PATTERNS = (Pattern.of("llama", _llama), Pattern.of("gemma", _gemma))
 RMS_NORM = torch.ops.fxkiln.rms_norm.default
 
 
-class LiftRmsNormPass(GraphPass):
+class LiftRmsNormPass(PatternPass):
     """Rewrites RMSNorm written in torch ops (Hugging Face's spellings) into fxkiln's rms_norm.
 
     Hugging Face models spell RMSNorm out in seven to nine ops per norm (cast, square, mean, add,
@@ -74,11 +73,7 @@ class LiftRmsNormPass(GraphPass):
 
     name = "lift_rms_norm"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        matches = rewrite_matches(gm, PATTERNS, lambda match: self._rewrite(gm, match))
-        if matches:
-            gm.recompile()
-        return PassResult(gm, modified=matches > 0, matches=matches)
+    patterns = PATTERNS
 
     @staticmethod
     def applies(match: Match) -> bool:

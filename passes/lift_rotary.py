@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import fx
 
-from passes.base import GraphPass, PassResult
 from passes.fx_utils import tensor_meta
-from passes.patterns import Match, Pattern, rewrite_matches
+from passes.patterns import Match, Pattern, PatternPass
 import runtime.ops  # noqa: F401  (registers torch.ops.fxkiln.*)
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ ROTARY = torch.ops.fxkiln.rotary_cos_sin.default
 MAX_DIMS = 4  # what the Triton kernel indexes
 
 
-class LiftRotaryPass(GraphPass):
+class LiftRotaryPass(PatternPass):
     """Rewrites the rotate_half rotary embedding into fxkiln's rotary_cos_sin op.
 
     Hugging Face models apply rotary embeddings in eight ops per tensor (two slices, a
@@ -74,11 +74,8 @@ class LiftRotaryPass(GraphPass):
 
     name = "lift_rotary"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        matches = rewrite_matches(gm, patterns_for(gm), lambda match: self._rewrite(gm, match))
-        if matches:
-            gm.recompile()
-        return PassResult(gm, modified=matches > 0, matches=matches)
+    def patterns_for(self, gm: fx.GraphModule) -> Iterable[Pattern]:
+        return patterns_for(gm)
 
     @staticmethod
     def applies(match: Match) -> bool:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
+from passes.base import GraphPass, PassResult
 from passes.fx_utils import is_impure
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,26 @@ def rewrite_matches(gm: fx.GraphModule, patterns: Iterable[Pattern], rewrite: Re
             rewritten += 1
     _erase_unread(gm.graph, bound)
     return rewritten
+
+
+class PatternPass(GraphPass):
+    """A pass that rewrites the matches of its `patterns`: subclasses give the patterns and
+    `_rewrite(gm, match)` (the new output nodes, or None to leave the match alone)."""
+
+    patterns: tuple[Pattern, ...] = ()
+
+    def patterns_for(self, gm: fx.GraphModule) -> Iterable[Pattern]:
+        return self.patterns
+
+    def _rewrite(self, gm: fx.GraphModule, match: Match) -> Sequence[fx.Node] | None:
+        raise NotImplementedError
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        matches = rewrite_matches(gm, self.patterns_for(gm),
+                                  lambda match: self._rewrite(gm, match))
+        if matches:
+            gm.recompile()
+        return PassResult(gm, modified=matches > 0, matches=matches)
 
 
 def _resolve(value: Any, replaced: dict[fx.Node, fx.Node]) -> Any:

@@ -22,11 +22,13 @@ settings ("auto": the highest priority the device supports):
   gathered from the cache), one call per sequence otherwise. It reads host-side lengths, so it
   cannot serve a captured decode step.
 - "triton" (`triton_attention`): Triton kernels that read the layout from device tensors only,
-  GQA without copies. Decode steps: a cache write and a slot-table decode attention, so a CUDA
-  graph can hold them (`AttentionMetadata.static_decode`). Every other step (a prefill of many
-  prompts, chunks over a cached prefix, chunks mixed with decode tokens): the cache write, then
-  one variable-length attention launch for all the step's sequences
-  (`runtime.kernels.varlen_attention_jit`).
+  GQA without copies, so a CUDA graph can hold them. Decode steps
+  (`AttentionMetadata.static_decode` or one new token per sequence):
+  `runtime.kernels.decode_attention` (one program per sequence, KV head and context split for
+  the whole query group, the step's cache write in the same kernel, a small reduce when the
+  context is split). Every other step (a prefill of many prompts, chunks over a cached prefix,
+  chunks mixed with decode tokens): the cache write, then one variable-length attention launch
+  for all the step's sequences (`runtime.kernels.varlen_attention_jit`).
 """
 from __future__ import annotations
 
@@ -39,11 +41,11 @@ from runtime.kernels import native, triton_kernels
 from runtime.kv_cache import AttentionKind, LayerKVCache
 
 try:
-    from runtime.kernels import attention_jit, varlen_attention_jit
+    from runtime.kernels import attention_jit, decode_attention, varlen_attention_jit
 except ModuleNotFoundError as missing:  # Triton absent: native attention only
     if missing.name is None or not missing.name.startswith("triton"):
         raise
-    attention_jit = varlen_attention_jit = None  # type: ignore[assignment]
+    attention_jit = decode_attention = varlen_attention_jit = None  # type: ignore[assignment]
 
 VARLEN_BLOCK_M = 64  # query rows per program of the variable-length kernel
 VARLEN_BLOCK_N = 64  # key positions per inner step
@@ -191,37 +193,7 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if spec.kind is AttentionKind.ENCODER or not decode_step:
         _launch_varlen(query, key, value, output, cache, meta)
         return
-    assert cache.key is not None and cache.value is not None
-    rows = query.shape[0] if meta.static_decode else meta.num_seqs  # static: every row
-    if spec.kind is AttentionKind.DECODER:
-        slots = meta.slot_mapping
-        _launch_write_kv(cache, key, value, slots if meta.static_decode else slots[:rows])
-        tables, lengths = meta.slot_tables, meta.device_seq_lens()
-    else:
-        tables, lengths = meta.encoder_slot_tables, meta.device_encoder_seq_lens()
-    assert tables is not None and lengths is not None
-    if not meta.static_decode:
-        output[rows:].zero_()  # padding rows
-    _launch_decode(query, output, cache, tables, lengths, rows)
-
-
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """`x` as (rows, features) with a contiguous last dimension (a view when it already is)."""
-    x = x.reshape(x.shape[0], -1)
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _launch_write_kv(cache: LayerKVCache, key: torch.Tensor, value: torch.Tensor,
-                     slots: torch.Tensor) -> None:
-    assert cache.key is not None and cache.value is not None
-    rows = slots.shape[0]
-    if rows == 0:
-        return
-    key, value = _rows_contiguous(key[:rows]), _rows_contiguous(value[:rows])
-    row = cache.key.shape[1] * cache.key.shape[2]
-    attention_jit.write_kv_kernel[(rows,)](
-        cache.key, cache.value, key, value, slots, slots.stride(0), key.stride(0), value.stride(0),
-        ROW=row, BLOCK=triton_kernels._next_power_of_2(row))
+    decode_attention.decode_step(query, key, value, output, cache, meta)
 
 
 def _launch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -238,11 +210,11 @@ def _launch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         assert cache.key is not None and cache.value is not None
         rows, starts = meta.num_actual_tokens, meta.device_query_start_loc()
         if spec.kind is AttentionKind.DECODER:
-            _launch_write_kv(cache, key, value, meta.slot_mapping)
+            decode_attention.write_kv(cache, key, value, meta.slot_mapping)
             tables, lengths = meta.slot_tables, meta.device_seq_lens()
         else:
             if meta.encoder_slot_mapping is not None:
-                _launch_write_kv(cache, key, value, meta.encoder_slot_mapping)
+                decode_attention.write_kv(cache, key, value, meta.encoder_slot_mapping)
             tables, lengths = meta.encoder_slot_tables, meta.device_encoder_seq_lens()
         keys, values = cache.key, cache.value                 # (slots, kv_heads, head_size)
     if starts is None or (spec.kind is not AttentionKind.ENCODER and tables is None):
@@ -250,8 +222,9 @@ def _launch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     output[rows:].zero_()  # padding rows
     if rows == 0:
         return
-    keys, values = _rows_contiguous(keys), _rows_contiguous(values)
-    queries, out = _rows_contiguous(query[:rows]), output[:rows]
+    contiguous = decode_attention.rows_contiguous
+    keys, values = contiguous(keys), contiguous(values)
+    queries, out = contiguous(query[:rows]), output[:rows]
     if out.stride(-1) != 1:
         raise ValueError(f"attention output: expected a contiguous last dimension, found "
                          f"strides {tuple(output.stride())}")
@@ -267,26 +240,6 @@ def _launch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         BLOCK_D=max(16, triton_kernels._next_power_of_2(spec.head_size)),
         CAUSAL=spec.kind is AttentionKind.DECODER, PAGED=tables is not None,
         IEEE=query.dtype == torch.float32, num_warps=4)
-
-
-def _launch_decode(query: torch.Tensor, output: torch.Tensor, cache: LayerKVCache,
-                   tables: torch.Tensor, lengths: torch.Tensor, rows: int) -> None:
-    assert cache.key is not None and cache.value is not None
-    spec = cache.spec
-    if rows == 0:
-        return
-    query, out = _rows_contiguous(query[:rows]), output[:rows]
-    if out.stride(-1) != 1:
-        raise ValueError(f"attention output: expected a contiguous last dimension, found "
-                         f"strides {tuple(output.stride())}")
-    tables = tables if tables.stride(1) == 1 else tables.contiguous()
-    lengths = lengths if lengths.stride(0) == 1 else lengths.contiguous()
-    head_block = triton_kernels._next_power_of_2(spec.head_size)
-    attention_jit.decode_attention_kernel[(rows, spec.num_heads)](
-        out, query, cache.key, cache.value, tables, lengths, query.stride(0), out.stride(0),
-        tables.stride(0), spec.scale, GROUP=spec.num_heads // spec.num_kv_heads,
-        HEAD_SIZE=spec.head_size, KV_ROW=spec.num_kv_heads * spec.head_size,
-        BLOCK_D=head_block, BLOCK_N=max(16, min(64, 8192 // head_block)), num_warps=4)
 
 
 registry.register_kernel("attention", "native", supports=native._everywhere)(native_attention)

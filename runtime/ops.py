@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 import runtime.kernels  # noqa: F401  (registers the implementations)
 from runtime import registry, settings
+from runtime.kernels.native import LINEAR_ACTIVATIONS
 
-DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "gelu_and_mul",
-                "rotary_embedding", "rotary_cos_sin")
+DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "layer_norm", "fused_add_layer_norm",
+                "silu_and_mul", "gelu_and_mul", "rotary_embedding", "rotary_cos_sin", "linear")
 
 
 def _dispatch(op: str, x: torch.Tensor, *args: Any) -> Any:
@@ -52,6 +54,33 @@ def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
     return (x.new_empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype)),
             x.new_empty(x.shape, dtype=sum_dtype))
+
+
+@torch.library.custom_op("fxkiln::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    return _dispatch("layer_norm", x, x, weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+      eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fxkiln::fused_add_layer_norm", mutates_args=())
+def fused_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dispatch("fused_add_layer_norm", x, x, residual, weight, bias, eps)
+
+
+@fused_add_layer_norm.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.new_empty(x.shape, dtype=sum_dtype), x.new_empty(x.shape, dtype=sum_dtype)
 
 
 @torch.library.custom_op("fxkiln::silu_and_mul", mutates_args=())
@@ -103,3 +132,31 @@ def rotary_embedding(
 def _(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
       cos_sin_cache: torch.Tensor, head_size: int, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return (query.new_empty(query.shape), key.new_empty(key.shape))
+
+
+@torch.library.custom_op("fxkiln::linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           activation: str) -> torch.Tensor:
+    """x W^T + b, then `activation` (a name of LINEAR_ACTIVATIONS: "none", "gelu", "gelu_tanh",
+    "silu_and_mul", which halves the features)."""
+    return _dispatch("linear", x, x, weight, bias, activation)
+
+
+@linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+      activation: str) -> torch.Tensor:
+    if activation not in LINEAR_ACTIVATIONS:
+        raise ValueError(f"fxkiln.linear: expected an activation in {sorted(LINEAR_ACTIVATIONS)}, "
+                         f"found {activation!r}")
+    features = weight.shape[0] // 2 if activation == "silu_and_mul" else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], features))
+
+
+@register_flop_formula(torch.ops.fxkiln.linear)
+def _linear_flops(x_shape: torch.Size, weight_shape: torch.Size, *args: object,
+                  **kwargs: object) -> int:
+    """The projection's multiply-adds (the epilogue is not counted, as for F.linear)."""
+    rows = 1
+    for size in x_shape[:-1]:
+        rows *= size
+    return 2 * rows * weight_shape[0] * weight_shape[1]

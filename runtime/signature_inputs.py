@@ -16,6 +16,9 @@ with nn modules inlined, every parameter and buffer. For a replay, each tensor i
   input that stays put but is only read is copied too: the caching allocator hands a fresh
   tensor the block its predecessor freed, so "same address" alone does not make an input
   static, and copying a per-call input is cheap beside recapturing.
+- **mirrored**: a CPU tensor (not a host scalar) that a graph for a CUDA device reads. Its copy
+  to the device inside the graph would sync, which a capture refuses, so the graph reads a
+  device copy, loaded before each replay and copied back after one that writes it.
 
 The signature of a call is what fixes its graph: the shapes of the tensor inputs other than
 the declared static ones (Dynamo's guards fix those), the values of the other inputs (sizes),
@@ -38,6 +41,8 @@ class GraphInputs:
     declared_static: frozenset[int]    # parameters, buffers, mark_static_address tensors
     host_scalars: frozenset[int] = frozenset()  # 0-dim CPU tensors for Python scalars
     static_shapes: bool = False        # no symbolic size anywhere: a single signature
+    mirrored: frozenset[int] = frozenset()  # CPU tensors read through device copies
+    device: torch.device | None = None      # where the mirrors live (with `mirrored`)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class InputPlan:
         self.declared = inputs.declared_static
         tensors = [i for i, x in enumerate(example_args) if isinstance(x, torch.Tensor)]
         self.per_call = tuple(i for i in tensors if i not in self.declared)
+        self.mirrored = inputs.mirrored
+        self.device = inputs.device
         self.values = tuple(i for i, x in enumerate(example_args)
                             if not isinstance(x, torch.Tensor))
         self.host_scalars = tuple(sorted(inputs.host_scalars))
@@ -94,7 +101,8 @@ class InputPlan:
     def in_place(self, args: Sequence[Any], seen: Observation) -> frozenset[int]:
         """Declared static inputs, and watched ones written in place that stayed put."""
         stayed = {i for i, address in zip(self.watched, seen.addresses)
-                  if args[i].data_ptr() == address and i in seen.written}
+                  if args[i].data_ptr() == address and i in seen.written
+                  and i not in self.mirrored}
         return self.declared | frozenset(stayed)
 
 
@@ -137,7 +145,10 @@ def stage(plan: InputPlan, args: Sequence[Any], in_place: frozenset[int],
     staged = list(args)
     copy_into = []
     for index in plan.per_call:
-        if index not in in_place:
+        if index in plan.mirrored:
+            staged[index] = buffer = args[index].to(plan.device, copy=True)
+            copy_into.append((index, buffer))
+        elif index not in in_place:
             staged[index] = buffer = args[index].clone()
             copy_into.append((index, buffer))
     observed = in_place - plan.declared

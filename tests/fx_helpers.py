@@ -10,7 +10,14 @@ import torch
 from torch import fx
 
 import runtime.attention  # noqa: F401  (registers torch.ops.fxkiln.attention)
+import runtime.ops  # noqa: F401  (registers the implementations of the dispatch ops)
 from compiler.capture import symbolic_propagator, symbolic_trace
+from runtime.registry import kernel_implementations
+
+# A projection in a traced graph, or in a compiled one (linear_epilogue and kernel_choice make
+# each a call of the chosen implementation of fxkiln.linear).
+LINEAR_TARGETS = (torch._C._nn.linear,
+                  *(impl.fn for impl in kernel_implementations("linear").values()))
 
 
 def trace(module: torch.nn.Module, inputs: Sequence[Any] | None = None) -> fx.GraphModule:

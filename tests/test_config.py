@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"capture_size": (1, 2)}, "unknown CompileConfig field(s) ['capture_size']; expected names from"),
-    ({"kernels": {"layer_norm": "native"}}, "unknown op 'layer_norm'; expected one of ["),
+    ({"kernels": {"group_norm": "native"}}, "unknown op 'group_norm'; expected one of ["),
     ({"kernels": {"rms_norm": "cudnn"}}, "unknown implementation 'cudnn'; expected one of ['auto'"),
     ({"passes": ("cleanup", "fuse_everything")}, "unknown pass 'fuse_everything'; expected names from"),
     ({"passes": "cleanup"}, "expected a tuple of pass names"),

@@ -27,7 +27,7 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any], bool]] = {
                             "eos_token_id": 2}, False),  # fused qkv and gate_up, partial rotary
 }
 TRITON = {op: "triton" for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul",
-                                  "gelu_and_mul", "rotary_cos_sin")}
+                                  "gelu_and_mul", "rotary_cos_sin", "linear")}
 
 
 def hf_model(architecture: str, device: str = "cpu") -> Any:
@@ -41,12 +41,17 @@ def hf_model(architecture: str, device: str = "cpu") -> Any:
 
 def expected_matches(architecture: str) -> dict[str, int]:
     """Per decoder layer: two norms (both but the first layer's input norm after a residual
-    add), one gated MLP, rotary on q and k; Qwen3 norms q and k per head; one final norm."""
+    add), one gated MLP, rotary on q and k; Qwen3 norms q and k per head; one final norm.
+    Projections (fused qkv, o, fused gate_up, down per layer; the LM head) become fxkiln.linear,
+    SiLU-and-mul folded into gate_up's epilogue (Gemma's GELU-and-mul stays an op of its own)."""
     qk_norms = 2 * LAYERS if ARCHITECTURES[architecture][2] else 0
     lifted = {"lift_rms_norm": 2 * LAYERS + 1 + qk_norms, "lift_add_rms_norm": 2 * LAYERS,
-              "lift_act_and_mul": LAYERS, "lift_rotary": 2 * LAYERS}
+              "lift_act_and_mul": LAYERS, "lift_rotary": 2 * LAYERS,
+              "linear_epilogue": 4 * LAYERS + 1}
     plain_norms = lifted["lift_rms_norm"] - lifted["lift_add_rms_norm"]
-    lifted["kernel_choice"] = plain_norms + 2 * LAYERS + LAYERS + 2 * LAYERS
+    unfolded_gates = LAYERS if architecture == "gemma" else 0
+    lifted["kernel_choice"] = (plain_norms + 2 * LAYERS + unfolded_gates + 2 * LAYERS
+                               + lifted["linear_epilogue"])
     return lifted
 
 
@@ -69,8 +74,9 @@ def compile_and_compare(architecture: str, config: CompileConfig, device: str = 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_every_idiom_lifts_and_logits_equal_eager(architecture: str) -> None:
     report = compile_and_compare(architecture, CompileConfig(device="cpu"))
-    gate = "gelu_and_mul" if architecture == "gemma" else "silu_and_mul"
-    assert set(report.kernels) == {"rms_norm", "fused_add_rms_norm", gate, "rotary_cos_sin"}
+    gates = {"gelu_and_mul"} if architecture == "gemma" else set()  # SiLU: in gate_up's epilogue
+    assert set(report.kernels) == {"rms_norm", "fused_add_rms_norm", "rotary_cos_sin", "linear",
+                                   *gates}
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from compiler import CompileConfig, compile_model
 from compiler.capture import symbolic_propagator
 from passes import PassContext
 from passes.qkv_split import QkvSplitPass
-from tests.fx_helpers import graph_body, op_counts, trace
+from tests.fx_helpers import LINEAR_TARGETS, graph_body, op_counts, trace
 from tests.qkv_models import (
     DecoderStack,
     FusedCrossAttention,
@@ -190,7 +190,7 @@ def _projection_widths(gm: fx.GraphModule) -> dict[str, list[tuple[str, int]]]:
     """Weight attribute -> (where the input comes from, output width) of each linear reading it."""
     widths: dict[str, list[tuple[str, int]]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch._C._nn.linear:
+        if node.op == "call_function" and node.target in LINEAR_TARGETS:
             weight = node.args[1]
             source = "encoder_out" if node.args[0].name == "encoder_out" else "norm"
             widths.setdefault(str(weight.target), []).append(
@@ -298,7 +298,7 @@ def test_our_bart_narrows_both_cross_attention_calls_in_every_decoder_layer() ->
     assert report.passes["qkv_split"].matches == 2 * layers
     assert report.passes["qkv_fuse"].matches == 0  # nothing left to fuse: one KV per layer
     widths = {str(n.args[1].target): int(n.meta["val"].shape[-1]) for n in gm.graph.nodes
-              if n.op == "call_function" and n.target is torch._C._nn.linear}
+              if n.op == "call_function" and n.target in LINEAR_TARGETS}
     for index in range(layers):
         cross = f"model_decoder_layers_{index}_encoder_attn_qkv_proj_weight_out"
         assert widths[f"{cross}_0_{d}"] == d and widths[f"{cross}_{d}_{3 * d}"] == 2 * d

@@ -240,3 +240,22 @@ def test_a_moved_weight_is_an_error_in_debug_mode_and_unseen_without(debug: bool
                 runner(x, replaced)
         else:  # as a CUDA graph would: the weight it was captured with
             torch.testing.assert_close(runner(x, replaced), x * weight)
+
+
+def test_host_tensors_of_a_device_graph_are_read_through_device_mirrors() -> None:
+    """A CPU tensor a CUDA graph reads (a StaticCache's counter set up inside a compiled
+    prefill) cannot be read in place: its copy to the device would sync inside the capture.
+    The graph reads a device copy, loaded before each replay and, when the graph writes it,
+    copied back after. ("meta" stands in for the device: no data moves, devices do.)"""
+    from runtime.signature_inputs import InputPlan, stage
+
+    counter, ids = torch.zeros((), dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    inputs = GraphInputs(declared_static=frozenset(), mirrored=frozenset({0}),
+                         device=torch.device("meta"))
+    plan = InputPlan(inputs, [counter, ids])
+    seen = plan.observation((), [counter, ids], [counter._version - 1, ids._version])
+    assert 0 in seen.written and 0 not in plan.in_place([counter, ids], seen)
+    staged = stage(plan, [counter, ids], plan.in_place([counter, ids], seen), seen.written)
+    assert staged.args[0].device.type == "meta" and staged.args[1].device.type == "cpu"
+    assert [i for i, _ in staged.copy_into] == [0, 1]
+    assert [i for i, _ in staged.copy_back] == [0]

@@ -1,9 +1,8 @@
-"""RMSNorm (through the `fxkiln.rms_norm` / `fxkiln.fused_add_rms_norm` dispatch ops, the
-targets of kernel choice) and LayerNorm (plain `F.layer_norm`)."""
+"""RMSNorm and LayerNorm through the dispatch ops (`fxkiln.rms_norm` / `fused_add_rms_norm`,
+`fxkiln.layer_norm` / `fused_add_layer_norm`), the targets of kernel choice."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import runtime.ops  # noqa: F401  (registers torch.ops.fxkiln.*)
@@ -32,7 +31,8 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Standard layer norm with weight and bias (replicated under TP)."""
+    """Standard layer norm with weight and bias (replicated under TP). With a residual: adds it
+    first (one kernel) and returns (normed, sum), as RMSNorm does."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -41,8 +41,13 @@ class LayerNorm(nn.Module):
         self.weight = make_param(hidden_size)
         self.bias = make_param(hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return torch.ops.fxkiln.layer_norm.default(x, self.weight, self.bias, self.eps)
+        normed, summed = torch.ops.fxkiln.fused_add_layer_norm.default(
+            x, residual, self.weight, self.bias, self.eps)                     # each (tokens, hidden)
+        return normed, summed
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"

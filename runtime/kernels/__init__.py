@@ -4,3 +4,6 @@ from __future__ import annotations
 from runtime.kernels import native  # noqa: F401  (registers the native implementations)
 from runtime.kernels import triton_kernels  # noqa: F401  (registers "triton" when Triton is installed)
 from runtime.kernels import triton_lifted  # noqa: F401  (the ops the lifting passes write)
+
+if triton_kernels.triton_jit is not None:
+    from runtime.kernels import triton_linear  # noqa: F401  (registers linear's "triton")

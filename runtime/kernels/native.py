@@ -1,6 +1,8 @@
 """Native PyTorch implementations of the dispatch ops: run anywhere, the reference for the rest."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,21 @@ def fused_add_rms_norm(
     return rms_norm(new_residual, weight, eps), new_residual
 
 
+@register_kernel("layer_norm", "native", supports=_everywhere)
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@register_kernel("fused_add_layer_norm", "native", supports=_everywhere)
+def fused_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x + residual
+    return layer_norm(summed, weight, bias, eps), summed
+
+
 @register_kernel("silu_and_mul", "native", supports=_everywhere)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)  # each (..., d)
@@ -36,6 +53,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)  # each (..., d)
     return F.gelu(gate, approximate=approximate) * up
+
+
+# The activations a projection can carry as its epilogue (`fxkiln.linear`'s `activation`).
+LINEAR_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda y: y,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu_and_mul": silu_and_mul,
+}
+
+
+@register_kernel("linear", "native", supports=_everywhere)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           activation: str) -> torch.Tensor:
+    return LINEAR_ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
 @register_kernel("rotary_embedding", "native", supports=_everywhere)

@@ -11,16 +11,19 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_rows_kernel(
-    out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr,
+def norm_rows_kernel(
+    out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr, bias_ptr,
     x_row_stride, residual_row_stride, hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
-    """One program per row: [residual_out = x + residual;] out = rms_norm(row) * weight.
+    """One program per row: [residual_out = x + residual;] out = norm(row) * weight [+ bias],
+    the norm being RMSNorm or (LAYER_NORM) LayerNorm.
 
     Arithmetic runs in float32 with a rounding to the storage dtype wherever the native
     implementation rounds (half-precision products of two rounded values are exact in float32,
-    so this reproduces them); Triton's CPU interpreter has no bfloat16 arithmetic anyway.
+    so this reproduces them): RMSNorm rounds the normalized row before the weight, LayerNorm
+    (as `F.layer_norm`) only its result. Triton's CPU interpreter has no bfloat16 arithmetic.
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
@@ -33,12 +36,21 @@ def rms_norm_rows_kernel(
         x = (x + residual.to(tl.float32)).to(x_dtype)
         tl.store(residual_out_ptr + row * hidden + cols, x, mask=mask)
         x = x.to(tl.float32)
-    variance = tl.sum(x * x, axis=0) / hidden
-    normed = (x * (1.0 / tl.sqrt(variance + eps))).to(x_dtype).to(tl.float32)
     out_dtype = out_ptr.dtype.element_ty
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(out_dtype).to(tl.float32)
-    normed = normed.to(out_dtype).to(tl.float32)
-    tl.store(out_ptr + row * hidden + cols, (normed * weight).to(out_dtype), mask=mask)
+    if LAYER_NORM:
+        mean = tl.sum(x, axis=0) / hidden
+        centered = tl.where(mask, x - mean, 0.0)
+        variance = tl.sum(centered * centered, axis=0) / hidden
+        result = centered * (1.0 / tl.sqrt(variance + eps))
+        result = result * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        variance = tl.sum(x * x, axis=0) / hidden
+        normed = (x * (1.0 / tl.sqrt(variance + eps))).to(x_dtype).to(tl.float32)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(out_dtype).to(tl.float32)
+        result = normed.to(out_dtype).to(tl.float32) * weight
+    tl.store(out_ptr + row * hidden + cols, result.to(out_dtype), mask=mask)
 
 
 @triton.jit
@@ -67,24 +79,10 @@ def act_and_mul_kernel(out_ptr, x_ptr, x_row_stride, half, ACTIVATION: tl.conste
 
 
 @triton.jit
-def rotary_kernel(
-    out_ptr, x_ptr, positions_ptr, cache_ptr,
-    x_row_stride, cache_row_stride, num_heads, head_size, half_rotary,
-    IS_NEOX: tl.constexpr, HEADS_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
-    PASS_BLOCK: tl.constexpr,
-):
-    """One program per token, all heads: rotate the first 2*half_rotary features of each head.
-
-    cos/sin are rounded to the activation dtype before use, as the native implementation does.
-    """
-    token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    pair = tl.arange(0, HALF_BLOCK)
-    pair_mask = pair < half_rotary
-    cache_row = cache_ptr + position * cache_row_stride
-    dtype = x_ptr.dtype.element_ty
-    cos = tl.load(cache_row + pair, mask=pair_mask, other=0.0).to(dtype).to(tl.float32)
-    sin = tl.load(cache_row + half_rotary + pair, mask=pair_mask, other=0.0).to(dtype).to(tl.float32)
+def _rotate_heads(out_ptr, x_ptr, x_row_stride, token, cos, sin, pair, pair_mask, num_heads,
+                  head_size, half_rotary, IS_NEOX: tl.constexpr, HEADS_BLOCK: tl.constexpr,
+                  PASS_BLOCK: tl.constexpr):
+    """Rotate the first 2*half_rotary features of each of one token's heads (float32 math)."""
     heads = tl.arange(0, HEADS_BLOCK)[:, None]  # (HEADS_BLOCK, 1)
     head_mask = heads < num_heads
     mask = head_mask & pair_mask[None, :]  # (HEADS_BLOCK, HALF_BLOCK)
@@ -96,6 +94,7 @@ def rotary_kernel(
     else:
         first = 2 * pair
         second = 2 * pair + 1
+    dtype = x_ptr.dtype.element_ty
     x1 = tl.load(x_head + first[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_head + second[None, :], mask=mask, other=0.0).to(tl.float32)
     rotated1 = x1 * cos[None, :] - x2 * sin[None, :]
@@ -107,3 +106,29 @@ def rotary_kernel(
         rest_mask = head_mask & (rest < head_size)[None, :]
         kept = tl.load(x_head + rest[None, :], mask=rest_mask, other=0.0)
         tl.store(out_head + rest[None, :], kept, mask=rest_mask)
+
+
+@triton.jit
+def rotary_kernel(
+    query_out_ptr, key_out_ptr, query_ptr, key_ptr, positions_ptr, cache_ptr,
+    query_row_stride, key_row_stride, cache_row_stride, query_heads, key_heads, head_size,
+    half_rotary, IS_NEOX: tl.constexpr, QUERY_HEADS_BLOCK: tl.constexpr,
+    KEY_HEADS_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr,
+):
+    """One program per token: rotate all its query heads and all its key heads (one launch for
+    both; cos/sin loaded once).
+
+    cos/sin are rounded to the activation dtype before use, as the native implementation does.
+    """
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    pair = tl.arange(0, HALF_BLOCK)
+    pair_mask = pair < half_rotary
+    cache_row = cache_ptr + position * cache_row_stride
+    dtype = query_ptr.dtype.element_ty
+    cos = tl.load(cache_row + pair, mask=pair_mask, other=0.0).to(dtype).to(tl.float32)
+    sin = tl.load(cache_row + half_rotary + pair, mask=pair_mask, other=0.0).to(dtype).to(tl.float32)
+    _rotate_heads(query_out_ptr, query_ptr, query_row_stride, token, cos, sin, pair, pair_mask,
+                  query_heads, head_size, half_rotary, IS_NEOX, QUERY_HEADS_BLOCK, PASS_BLOCK)
+    _rotate_heads(key_out_ptr, key_ptr, key_row_stride, token, cos, sin, pair, pair_mask,
+                  key_heads, head_size, half_rotary, IS_NEOX, KEY_HEADS_BLOCK, PASS_BLOCK)

@@ -12,6 +12,7 @@ prefers native. Without Triton installed this module registers nothing.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ except ModuleNotFoundError as missing:  # Triton absent: no "triton" implementat
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROW_BLOCK = 65536  # one program holds a whole row for the norms
 SILU_BLOCK = 1024
+INTERPRETER_PROCESSORS = 2  # stands in for the multiprocessor count where Triton is interpreted
 
 
 def _jitted_for_interpreter() -> bool:
@@ -36,7 +38,7 @@ def _jitted_for_interpreter() -> bool:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(triton_jit.rms_norm_rows_kernel, InterpretedFunction)
+    return isinstance(triton_jit.norm_rows_kernel, InterpretedFunction)
 
 
 # Fixed when the kernels were jitted (TRITON_INTERPRET=1 at that moment): a fact of this process.
@@ -59,6 +61,15 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 def priority(device: torch.device, dtype: torch.dtype) -> int:
     """Above native on CUDA; below it on CPU, where Triton only runs interpreted."""
     return 1 if device.type == "cuda" else -1
+
+
+@functools.cache
+def device_processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device); a stand-in elsewhere.
+    Launch plans that spread work over the device size their grids by it."""
+    if device.type != "cuda":
+        return INTERPRETER_PROCESSORS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # -- launch constants (compile time in graphs, per call in eager) -------------------------------
@@ -93,6 +104,16 @@ def fused_add_rms_norm_constants(x: torch.Tensor, residual: torch.Tensor, weight
     return _norm_constants(x)
 
 
+def layer_norm_constants(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         eps: float) -> tuple[int, int]:
+    return _norm_constants(x)
+
+
+def fused_add_layer_norm_constants(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor | None, eps: float) -> tuple[int, int]:
+    return _norm_constants(x)
+
+
 def silu_and_mul_constants(x: torch.Tensor) -> tuple[int, int]:
     half = _static(x.shape[-1], "last dimension") // 2
     block_size = min(_next_power_of_2(half), SILU_BLOCK)
@@ -121,30 +142,48 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-          block_size: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+          bias: torch.Tensor | None, eps: float, block_size: int, num_warps: int,
+          layer_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out = torch.empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
+    out_dtype = sum_dtype if layer_norm else torch.promote_types(sum_dtype, weight.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     residual_out = None if residual is None else torch.empty(x.shape, dtype=sum_dtype, device=x.device)
     if isinstance(x, FakeTensor) or out.numel() == 0:
         return out, residual_out
     x_rows = _rows(x)  # (rows, hidden)
     residual_rows = x_rows if residual is None else _rows(residual)  # (rows, hidden)
-    triton_jit.rms_norm_rows_kernel[(x_rows.shape[0],)](
-        out, out if residual_out is None else residual_out, x_rows, residual_rows,
-        weight.contiguous(), x_rows.stride(0), residual_rows.stride(0), x_rows.shape[1], eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_SIZE=block_size, num_warps=num_warps)
+    weight = weight.contiguous()
+    triton_jit.norm_rows_kernel[(x_rows.shape[0],)](
+        out, out if residual_out is None else residual_out, x_rows, residual_rows, weight,
+        weight if bias is None else bias.contiguous(), x_rows.stride(0), residual_rows.stride(0),
+        x_rows.shape[1], eps, HAS_RESIDUAL=residual is not None, LAYER_NORM=layer_norm,
+        HAS_BIAS=bias is not None, BLOCK_SIZE=block_size, num_warps=num_warps)
     return out, residual_out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, block_size: int,
              num_warps: int) -> torch.Tensor:
-    return _norm(x, None, weight, eps, block_size, num_warps)[0]
+    return _norm(x, None, weight, None, eps, block_size, num_warps)[0]
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                        block_size: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    out, residual_out = _norm(x, residual, weight, eps, block_size, num_warps)
+    out, residual_out = _norm(x, residual, weight, None, eps, block_size, num_warps)
+    assert residual_out is not None
+    return out, residual_out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               block_size: int, num_warps: int) -> torch.Tensor:
+    return _norm(x, None, weight, bias, eps, block_size, num_warps, layer_norm=True)[0]
+
+
+def fused_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None, eps: float, block_size: int,
+                         num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, residual_out = _norm(x, residual, weight, bias, eps, block_size, num_warps,
+                              layer_norm=True)
     assert residual_out is not None
     return out, residual_out
 
@@ -182,14 +221,14 @@ def rotary_embedding(
     if isinstance(query, FakeTensor) or query.shape[0] == 0:
         return query_out, key_out
     cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
-    for x, out, heads_block in ((query, query_out, query_heads_block),
-                                (key, key_out, key_heads_block)):
-        x_rows = _rows(x)  # (tokens, heads * head_size)
-        triton_jit.rotary_kernel[(x_rows.shape[0],)](
-            out, x_rows, positions.contiguous(), cache, x_rows.stride(0), cache.stride(0),
-            x_rows.shape[1] // head_size, head_size, cache.shape[-1] // 2,
-            IS_NEOX=is_neox, HEADS_BLOCK=heads_block, HALF_BLOCK=half_block,
-            PASS_BLOCK=pass_block, num_warps=num_warps)
+    query_rows, key_rows = _rows(query), _rows(key)  # (tokens, heads * head_size) each
+    triton_jit.rotary_kernel[(query_rows.shape[0],)](
+        query_out, key_out, query_rows, key_rows, positions.contiguous(), cache,
+        query_rows.stride(0), key_rows.stride(0), cache.stride(0),
+        query_rows.shape[1] // head_size, key_rows.shape[1] // head_size, head_size,
+        cache.shape[-1] // 2, IS_NEOX=is_neox, QUERY_HEADS_BLOCK=query_heads_block,
+        KEY_HEADS_BLOCK=key_heads_block, HALF_BLOCK=half_block, PASS_BLOCK=pass_block,
+        num_warps=num_warps)
     return query_out, key_out
 
 
@@ -197,6 +236,8 @@ if triton_jit is not None:
     for _op, _fn, _constants in (
         ("rms_norm", rms_norm, rms_norm_constants),
         ("fused_add_rms_norm", fused_add_rms_norm, fused_add_rms_norm_constants),
+        ("layer_norm", layer_norm, layer_norm_constants),
+        ("fused_add_layer_norm", fused_add_layer_norm, fused_add_layer_norm_constants),
         ("silu_and_mul", silu_and_mul, silu_and_mul_constants),
         ("rotary_embedding", rotary_embedding, rotary_embedding_constants),
     ):

@@ -52,7 +52,10 @@ def test_compile_model_with_triton_rms_norm_on_cpu(monkeypatch: pytest.MonkeyPat
     config = CompileConfig(kernels={"rms_norm": "triton"}, device="cpu")
     compiled = compile_model(model, config=config)  # the model's own example_inputs(8)
     assert compiled.report.frontend == "symbolic_trace"
-    assert compiled.report.passes["kernel_choice"].matches == 4 * 2 + 1  # 4 per layer, final norm
+    passes = compiled.report.passes
+    assert passes["linear_epilogue"].matches == 4 * 2 + 1  # qkv, o, gate_up, down; LM head
+    # per layer 2 norms and rotary (SiLU-and-mul rides on gate_up), the final norm, projections
+    assert passes["kernel_choice"].matches == 3 * 2 + 1 + passes["linear_epilogue"].matches
     _check_done(compiled, model, inputs, expected, monkeypatch, rtol=1e-5, atol=1e-5)
 
 

@@ -84,7 +84,7 @@ def test_op_counts_on_llama_shaped_graph() -> None:
     assert count_targets(gm, dispatch) == 0
     after = {fn.__name__: count_targets(gm, fn) for fn in (
         native.rms_norm, native.fused_add_rms_norm, native.silu_and_mul, native.rotary_embedding)}
-    assert after == before
+    assert after == {op: count for op, count in before.items() if count}
 
 
 def test_must_not_rewrite_ordinary_norm_and_silu() -> None:
@@ -134,11 +134,11 @@ def test_missing_shape_propagation_names_the_node() -> None:
         choose_kernels(gm)
 
 
-def test_registered_after_the_lifting_passes_in_default_pipeline() -> None:
+def test_registered_after_the_passes_that_write_dispatch_ops() -> None:
     assert PASSES["kernel_choice"] is KernelChoicePass
-    position = DEFAULT_PIPELINE.index("kernel_choice")
-    lifting = [name for name in DEFAULT_PIPELINE if name.startswith("lift_")]
-    assert lifting and all(DEFAULT_PIPELINE.index(name) < position for name in lifting)
+    order = DEFAULT_PIPELINE.index
+    writers = [name for name in DEFAULT_PIPELINE if name.startswith("lift_")] + ["linear_epilogue"]
+    assert len(writers) > 1 and all(order(name) < order("kernel_choice") for name in writers)
     assert DEFAULT_PIPELINE[-1] == "cleanup"
 
 

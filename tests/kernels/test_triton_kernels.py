@@ -74,6 +74,23 @@ def test_norms_match_native_interpreted(tokens: int, hidden: int, dtype: torch.d
 
 
 @needs_interpreter
+@given(tokens=st.integers(1, 9), hidden=st.integers(1, 80), dtype=DTYPES, fused=st.booleans(),
+       bias=st.booleans(), shifted=st.booleans())
+def test_layer_norms_match_native_interpreted(tokens: int, hidden: int, dtype: torch.dtype,
+                                              fused: bool, bias: bool, shifted: bool) -> None:
+    """LayerNorm and add + LayerNorm, with or without a bias, on rows far from zero mean (a
+    kernel that skipped centering would miss there)."""
+    x, residual, weight = _norm_args(tokens, hidden, dtype, "cpu")
+    if shifted:
+        x = x + 3.0
+    offset = (0.1 * torch.randn(hidden)).to(dtype) if bias else None
+    if fused:
+        _check("fused_add_layer_norm", (x, residual, weight, offset, 1e-5), TOLERANCES)
+    else:
+        _check("layer_norm", (x, weight, offset, 1e-5), TOLERANCES)
+
+
+@needs_interpreter
 @given(tokens=st.integers(1, 9), half=st.integers(1, 1100), dtype=DTYPES)
 def test_silu_and_mul_matches_native_interpreted(tokens: int, half: int, dtype: torch.dtype) -> None:
     x = torch.randn(tokens, 2 * half, dtype=dtype)
@@ -153,6 +170,9 @@ def test_kernels_match_native_on_gpu(dtype: torch.dtype, tokens: int) -> None:
     x, residual, weight = _norm_args(tokens, 2048, dtype, "cuda")
     _check("rms_norm", (x, weight, 1e-6), GPU_TOLERANCES)
     _check("fused_add_rms_norm", (x, residual, weight, 1e-6), GPU_TOLERANCES)
+    bias = (0.1 * torch.randn(2048, device="cuda")).to(dtype)
+    _check("layer_norm", (x + 2.0, weight, bias, 1e-5), GPU_TOLERANCES)
+    _check("fused_add_layer_norm", (x, residual, weight, bias, 1e-5), GPU_TOLERANCES)
     _check("silu_and_mul", (torch.randn(tokens, 2 * 8192, dtype=dtype, device="cuda"),),
            GPU_TOLERANCES)
     for is_neox, rotary_dim in ((True, 64), (False, 64), (True, 32)):
@@ -163,6 +183,7 @@ def test_kernels_match_native_on_gpu(dtype: torch.dtype, tokens: int) -> None:
 @pytest.mark.gpu
 def test_auto_prefers_triton_on_gpu() -> None:
     cuda = torch.device("cuda")
-    for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"):
+    for op in ("rms_norm", "fused_add_rms_norm", "layer_norm", "fused_add_layer_norm",
+               "silu_and_mul", "rotary_embedding"):
         assert choose_kernel(op, "auto", cuda, torch.bfloat16).name == "triton"
     assert choose_kernel("rms_norm", "auto", cuda, torch.float64).name == "native"

@@ -1,0 +1,183 @@
+"""Graph-safe Triton decode attention: the launch plan and the launchers.
+
+One program per (sequence, KV head, split) handles the KV head's whole query group, so with
+grouped-query attention each cached K/V row is read once per group, not once per query head.
+At small batch the context is split over several programs (flash-decoding) and a small reduce
+kernel combines their partials; the number of splits is fixed per launch shape, and each
+split's range is computed in the kernel from the device length, so a captured graph stays valid
+for any context. Decoder self-attention writes this step's K/V into the cache inside the same
+kernel (`DecodePlan.fuse_write`).
+
+The plan is a pure function of static facts: the layer's spec, the launch's row count (a
+captured graph's bucket: every capture freezes its plan), the dtype and the device's
+multiprocessor count (read once per device). It reads no settings. `DECODE_TUNING` holds the
+chosen launch parameters per head size; `benchmarks/kernels.py` sweeps them on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from runtime.forward_context import AttentionMetadata
+from runtime.kernels import attention_jit, triton_kernels
+from runtime.kernels.triton_kernels import _next_power_of_2, device_processors
+from runtime.kv_cache import AttentionKind, AttentionSpec, LayerKVCache
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch parameters of the decode kernels for one head size."""
+
+    block_n: int              # cached positions per loop iteration
+    num_warps: int
+    programs_per_processor: int  # split until rows * kv_heads * splits reaches this many per SM
+    max_splits: int
+    fuse_write: bool = True   # write the step's K/V inside the attention kernel
+    min_block_g: int = 16     # query heads per program padded to at least this (tensor cores)
+
+
+# Provisional, from first principles (one to two K/V tiles of 8 KB per iteration, two waves of
+# programs on the device); to be replaced by the sweep of benchmarks/kernels.py on the H200.
+DEFAULT_TUNING = DecodeTuning(block_n=64, num_warps=4, programs_per_processor=2, max_splits=32)
+# Head size 128 takes 8 warps: with 4, its K/V tiles of 32 or more positions spill registers
+# (ptxas for sm_90: 255 registers and a stack frame; 8 warps: 186 registers, no stack).
+# Measured (benchmarks/kernels.py on an H200, 2026-12-01, results/kernels-cuda.json): head size
+# 64 at 4 programs per SM; head size 128 at 8 per SM and up to 64 splits (the sweep's 4 warps
+# spill registers at these tiles, so it keeps 8, the sweep's choice at long contexts).
+DECODE_TUNING: dict[int, DecodeTuning] = {
+    64: DecodeTuning(block_n=64, num_warps=4, programs_per_processor=4, max_splits=32),
+    128: DecodeTuning(block_n=32, num_warps=8, programs_per_processor=8, max_splits=64),
+}
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How one decode launch runs (all compile-time constants of the kernels)."""
+
+    splits: int
+    block_n: int
+    num_warps: int
+    block_g: int       # query heads per program, the group padded to a power of two
+    block_d: int       # head size, padded to a power of two (>= 16)
+    fuse_write: bool
+
+
+@functools.cache
+def decode_plan(spec: AttentionSpec, rows: int, processors: int,
+                tuning: DecodeTuning | None = None) -> DecodePlan:
+    """The plan for `rows` decode rows of a layer with `spec` on a device of `processors` SMs:
+    the largest power-of-two split count whose grid stays within the tuning's programs per SM
+    (at least one split, at most `max_splits`)."""
+    tuning = tuning or DECODE_TUNING.get(spec.head_size, DEFAULT_TUNING)
+    programs = max(rows * spec.num_kv_heads, 1)
+    wanted = min(processors * tuning.programs_per_processor // programs, tuning.max_splits)
+    splits = 1 << (max(wanted, 1).bit_length() - 1)  # a power of two, at most what fills it
+    return DecodePlan(splits=splits, block_n=tuning.block_n,
+                      num_warps=tuning.num_warps,
+                      block_g=max(tuning.min_block_g,
+                                  _next_power_of_2(spec.num_heads // spec.num_kv_heads)),
+                      block_d=max(16, _next_power_of_2(spec.head_size)),
+                      fuse_write=tuning.fuse_write)
+
+
+def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
+    """A decode step of a cached (decoder or cross) attention layer, graph-safe.
+
+    Static (captured) layouts run every row, padding rows included (length 0: zero rows); other
+    steps run the real sequences and zero the rows past them.
+    """
+    spec = cache.spec
+    rows = query.shape[0] if meta.static_decode else meta.num_seqs
+    if not meta.static_decode:
+        output[rows:].zero_()  # padding rows
+    if rows == 0:
+        return
+    plan = decode_plan(spec, rows, device_processors(query.device))
+    slots = None
+    if spec.kind is AttentionKind.DECODER:
+        slots = meta.slot_mapping[:rows]
+        tables, lengths = meta.slot_tables, meta.device_seq_lens()
+        if not plan.fuse_write:
+            write_kv(cache, key, value, slots)
+            slots = None
+    else:
+        tables, lengths = meta.encoder_slot_tables, meta.device_encoder_seq_lens()
+    assert tables is not None and lengths is not None
+    launch_decode(query, key, value, output, cache, tables, lengths, slots, rows, plan)
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """`x` as (rows, features) with a contiguous last dimension (a view when it already is)."""
+    x = x.reshape(x.shape[0], -1)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def write_kv(cache: LayerKVCache, key: torch.Tensor, value: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """cache[slots[i]] = key[i], value[i] for each row (slot -1: nothing), one program a row."""
+    assert cache.key is not None and cache.value is not None
+    rows = slots.shape[0]
+    if rows == 0:
+        return
+    key, value = rows_contiguous(key[:rows]), rows_contiguous(value[:rows])
+    row = cache.key.shape[1] * cache.key.shape[2]
+    attention_jit.write_kv_kernel[(rows,)](
+        cache.key, cache.value, key, value, slots, slots.stride(0), key.stride(0), value.stride(0),
+        ROW=row, BLOCK=_next_power_of_2(row))
+
+
+def launch_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  output: torch.Tensor, cache: LayerKVCache, tables: torch.Tensor,
+                  lengths: torch.Tensor, slots: torch.Tensor | None, rows: int,
+                  plan: DecodePlan) -> None:
+    """Attention of the first `rows` query rows over the cache, by `plan`.
+
+    `slots` (rows,): write key/value row i to cache slot slots[i] in the same kernel (the
+    newest position of each sequence is then read from key/value); None: the cache already
+    holds every position.
+    """
+    assert cache.key is not None and cache.value is not None
+    spec = cache.spec
+    query, out = rows_contiguous(query[:rows]), output[:rows]
+    if out.stride(-1) != 1:
+        raise ValueError(f"attention output: expected a contiguous last dimension, found "
+                         f"strides {tuple(output.stride())}")
+    tables = tables if tables.stride(1) == 1 else tables.contiguous()
+    lengths = lengths if lengths.stride(0) == 1 else lengths.contiguous()
+    fuse = slots is not None
+    interpreted = triton_kernels.interpreter_active()
+    key_rows = rows_contiguous(key[:rows]) if fuse else query
+    value_rows = rows_contiguous(value[:rows]) if fuse else query
+    slot_rows = slots if slots is not None else lengths
+    partial = stats = out
+    stats_plane = 0
+    if plan.splits > 1:
+        partial = torch.empty((rows, spec.num_heads, plan.splits, spec.head_size),
+                              dtype=torch.float32, device=query.device)
+        stats = torch.empty((2, rows, spec.num_heads, plan.splits), dtype=torch.float32,
+                            device=query.device)  # running maxima, then running sums
+        stats_plane = stats.stride(0)
+    attention_jit.grouped_decode_attention_kernel[(rows, spec.num_kv_heads, plan.splits)](
+        out, partial, stats, query, key_rows, value_rows, cache.key, cache.value, tables,
+        lengths, slot_rows, query.stride(0), key_rows.stride(0), value_rows.stride(0),
+        out.stride(0), tables.stride(0), slot_rows.stride(0), stats_plane, spec.scale,
+        plan.splits, NUM_HEADS=spec.num_heads, GROUP=spec.num_heads // spec.num_kv_heads,
+        HEAD_SIZE=spec.head_size, KV_ROW=spec.num_kv_heads * spec.head_size,
+        BLOCK_G=plan.block_g, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n,
+        PARTIAL=plan.splits > 1,
+        WRITE_NEW=fuse, UPCAST=interpreted, num_warps=plan.num_warps,
+        DOT_PRECISION="ieee" if interpreted or cache.key.dtype == torch.float32 else "tf32")
+    if plan.splits > 1:
+        attention_jit.decode_reduce_kernel[(rows, spec.num_heads)](
+            out, partial, stats, out.stride(0), stats_plane, plan.splits,
+            NUM_HEADS=spec.num_heads, HEAD_SIZE=spec.head_size,
+            BLOCK_S=_next_power_of_2(plan.splits), BLOCK_D=plan.block_d,
+            num_warps=reduce_warps(plan))
+
+
+def reduce_warps(plan: DecodePlan) -> int:
+    """Warps of the reduce: one for a few partials, four once (splits, head) tiles are large
+    (32 x 128 fp32 in one warp takes 149 registers; 64 x 128 spills)."""
+    return 4 if _next_power_of_2(plan.splits) * plan.block_d >= 2048 else 1

@@ -1,0 +1,88 @@
+"""Triton device code for projections of a few rows (decode GEMV) with a fused epilogue.
+
+Importing this module needs `triton`; the launcher lives in `runtime.kernels.triton_linear`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Epilogue codes (ACTIVATION) for the names of runtime.kernels.native.LINEAR_ACTIVATIONS
+# (constexpr globals: the only globals a jitted function may read).
+NONE, GELU, GELU_TANH, SILU_AND_MUL = (tl.constexpr(code) for code in range(4))
+
+
+@triton.jit
+def linear_rows_kernel(
+    out_ptr, x_ptr, weight_ptr, bias_ptr, rows, x_row_stride, weight_row_stride, out_row_stride,
+    OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Program per BLOCK_N output features, for all `rows` (<= BLOCK_M) input rows at once, so
+    each weight element is read once: out = act(x W^T + b).
+
+    One row (BLOCK_M == 1) multiplies on the FMA units, accumulating the (BLOCK_N, BLOCK_K)
+    products elementwise and reducing over K once at the end; more rows go through tl.dot (the
+    tensor cores pad the few rows), whose accumulator stays (BLOCK_M, BLOCK_N) however large the
+    weight tile. SILU_AND_MUL reads two weight rows per output feature f, the gate (row f) and
+    the up projection (row OUT_FEATURES + f), and writes silu(gate) * up. Accumulation is
+    float32; the result is rounded to the output dtype before the activation, and the SiLU
+    before the multiply, where the unfused ops round. The weight's shape is static (one
+    compiled kernel per projection shape); the loop's weight loads are software-pipelined
+    NUM_STAGES deep (tl.range: plain loads too, not only those feeding a dot). UPCAST runs the
+    dots in float32 (Triton's CPU interpreter has no bfloat16 arithmetic).
+    """
+    block = tl.program_id(0)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < OUT_FEATURES
+    row_ids = tl.arange(0, BLOCK_M)
+    row_mask = row_ids < rows
+    gate_rows = weight_ptr + cols.to(tl.int64)[:, None] * weight_row_stride   # (BLOCK_N, 1)
+    up_rows = gate_rows + OUT_FEATURES * weight_row_stride
+    dot_dtype = tl.float32 if UPCAST else weight_ptr.dtype.element_ty
+    if BLOCK_M == 1:
+        products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        up_products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        up_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for start in tl.range(0, IN_FEATURES, BLOCK_K, num_stages=NUM_STAGES):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < IN_FEATURES
+        x = tl.load(x_ptr + row_ids[:, None] * x_row_stride + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)      # (BLOCK_M, BLOCK_K)
+        w_mask = col_mask[:, None] & k_mask[None, :]
+        weight = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)     # (BLOCK_N, BLOCK_K)
+        if ACTIVATION == SILU_AND_MUL:
+            up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+        if BLOCK_M == 1:
+            products += x.to(tl.float32) * weight.to(tl.float32)
+            if ACTIVATION == SILU_AND_MUL:
+                up_products += x.to(tl.float32) * up.to(tl.float32)
+        else:
+            x = x.to(dot_dtype)
+            acc = tl.dot(x, tl.trans(weight.to(dot_dtype)), acc, input_precision=DOT_PRECISION)
+            if ACTIVATION == SILU_AND_MUL:
+                up_acc = tl.dot(x, tl.trans(up.to(dot_dtype)), up_acc,
+                                input_precision=DOT_PRECISION)
+    if BLOCK_M == 1:
+        acc = tl.sum(products, axis=1)[None, :]                              # (1, BLOCK_N)
+        up_acc = tl.sum(up_products, axis=1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION == SILU_AND_MUL:
+            up_acc += tl.load(bias_ptr + OUT_FEATURES + cols, mask=col_mask,
+                              other=0.0).to(tl.float32)[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    y = acc.to(out_dtype).to(tl.float32)
+    if ACTIVATION == GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == GELU_TANH:
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (2.0 / (1.0 + tl.exp(-2.0 * inner)))  # 1 + tanh(inner)
+    elif ACTIVATION == SILU_AND_MUL:
+        y = (y / (1.0 + tl.exp(-y))).to(out_dtype).to(tl.float32)
+        y = y * up_acc.to(out_dtype).to(tl.float32)
+    tl.store(out_ptr + row_ids[:, None] * out_row_stride + cols[None, :], y.to(out_dtype),
+             mask=row_mask[:, None] & col_mask[None, :])
