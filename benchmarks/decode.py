@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,12 @@ ERROR_LINES = 25
 
 
 def run_child_rows(command: list[str], model: str, variant: str, batches: list[int],
-                   timeout_s: float, deadline: float = float("inf")) -> list[dict[str, Any]]:
+                   timeout_s: float, deadline: float = float("inf"),
+                   show: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Rows for `batches`, from as many children as it takes: a crash or a batch that overruns
     `timeout_s` (or the `time.monotonic()` deadline) becomes a failed row, and a new child takes
-    the batches after it."""
+    the batches after it. `show` prints each row (default: a decode-step line)."""
+    show = show or _print_row
     rows: list[dict[str, Any]] = []
     pending = list(batches)
     while pending and time.monotonic() < deadline:
@@ -65,12 +68,12 @@ def run_child_rows(command: list[str], model: str, variant: str, batches: list[i
             timeout_s, deadline)
         for row in done:
             rows.append(row)
-            _print_row(row)
+            show(row)
             pending.remove(row["batch"])
         if pending and status != "ok":
             failed = report.failed_row(model, variant, pending.pop(0), status, error)
             rows.append(failed)
-            _print_row(failed)
+            show(failed)
         elif pending:  # exited cleanly but skipped batches: record, do not loop
             rows += [report.failed_row(model, variant, batch, "failed", "no row printed")
                      for batch in pending]

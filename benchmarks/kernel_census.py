@@ -97,10 +97,10 @@ def session_census(session: Any, tokens: torch.Tensor, device: torch.device,
     `steps` positions it has already decoded (the context stays where the timing left it)."""
     if device.type != "cuda":
         return None
-    if session.context_len <= steps:
+    if min(session.context_lens) <= steps:
         raise ValueError(f"session_census: expected a session past {steps} positions, found "
-                         f"context {session.context_len}")
-    session.context_len -= steps
+                         f"contexts {session.context_lens}")
+    session.context_lens = [n - steps for n in session.context_lens]
     current = [tokens]
 
     def step() -> None:

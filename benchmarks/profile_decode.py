@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from compiler import CompileConfig, compile_model  # noqa: E402
 from models import from_hf  # noqa: E402
 from models.presets import TINY_OF, hf_model  # noqa: E402
-from runtime import generation, runner as runner_module  # noqa: E402
+from runtime import runner as runner_module, session as session_module  # noqa: E402
 from kernel_census import session_census  # noqa: E402  (the one census)
 from piecewise_decode import _sync, prefilled_session  # noqa: E402  (one session setup)
 from runtime.piece_runner import PieceRunner  # noqa: E402
@@ -59,7 +59,7 @@ def _timed(part: str | None, function: Any) -> Any:
 
 
 def instrument() -> None:
-    generation.step_metadata = _timed("metadata", generation.step_metadata)
+    session_module.step_metadata = _timed("metadata", session_module.step_metadata)
     runner_module.StaticInputs.stage = _timed("stage", runner_module.StaticInputs.stage)
     runner_module.BucketRunner._finish = _timed("finish", runner_module.BucketRunner._finish)
     PieceRunner.__call__ = _timed(None, PieceRunner.__call__)

@@ -19,7 +19,9 @@ from compiler.config_fields import (
     check_bool,
     check_capture_failure,
     check_count,
+    check_count_or_auto,
     check_device,
+    check_fraction,
     check_kernels,
     check_passes,
     check_path,
@@ -28,6 +30,8 @@ from compiler.config_fields import (
     config_field,
     parse_bool,
     parse_count,
+    parse_count_or_auto,
+    parse_fraction,
     parse_kernels,
     parse_names,
     parse_path,
@@ -52,6 +56,12 @@ class CompileConfig:
     # token-count buckets; () = none
     capture_sizes: tuple[int, ...] = config_field((1, 2, 4, 8, 16, 32), check=check_sizes,
                                                   env=parse_sizes)
+    # serving models (fxkiln's own, compile_model(hf)): token-count buckets for prefill steps
+    # above the largest capture size: piecewise graphs, attention and the LM head eager (the
+    # head on the rows a step reads); () = prefill steps past capture_sizes run eagerly
+    prefill_capture_sizes: tuple[int, ...] = config_field(
+        (48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048), check=check_sizes,
+        env=parse_sizes)
     # auto | cpu | cuda | cuda:N
     device: str = config_field("auto", check=check_device, env=str)
     # check each pass: before and after agree on random inputs (outputs and writes)
@@ -69,8 +79,14 @@ class CompileConfig:
     simulate_capture: bool = config_field(False, check=check_bool, env=parse_bool)
     # check static input addresses at every replay
     debug: bool = config_field(False, check=check_bool, env=parse_bool)
-    # slots of the runner's KV cache (decode graphs); 0 = none
-    kv_cache_tokens: int = config_field(16384, check=check_count, env=parse_count)
+    # slots of the runner's KV cache (whole-step decode graphs); 0 = none; "auto": CUDA sizes it
+    # from a profiling run after capture (runtime.memory), CPU takes a fixed
+    # runtime.memory.CPU_KV_CACHE_TOKENS
+    kv_cache_tokens: int | str = config_field("auto", check=check_count_or_auto,
+                                              env=parse_count_or_auto)
+    # "auto" KV cache: the fraction of device memory that weights, graphs, activations and the
+    # cache may fill together (vLLM's gpu_memory_utilization)
+    gpu_memory_utilization: float = config_field(0.9, check=check_fraction, env=parse_fraction)
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
@@ -111,11 +127,13 @@ class CompileConfig:
         """A config from FXKILN_<FIELD> variables; the only reader of the environment in fxkiln.
 
         FXKILN_KERNELS="rms_norm=triton,silu_and_mul=native", FXKILN_PASSES="cleanup,..."
-        (or "default"), FXKILN_CAPTURE_SIZES="1,2,4" (empty: no capture), FXKILN_DEVICE,
-        FXKILN_VERIFY=0|1, FXKILN_DUMP_DIR (empty: none), FXKILN_SPLITTING_OPS=
-        "fxkiln::attention,..." (or "default"), FXKILN_CAPTURE_WARMUP_RUNS,
+        (or "default"), FXKILN_CAPTURE_SIZES="1,2,4" (empty: no capture),
+        FXKILN_PREFILL_CAPTURE_SIZES="64,128" (empty: none), FXKILN_DEVICE, FXKILN_VERIFY=0|1,
+        FXKILN_DUMP_DIR (empty: none), FXKILN_SPLITTING_OPS="fxkiln::attention,..." (or
+        "default"), FXKILN_CAPTURE_WARMUP_RUNS,
         FXKILN_CAPTURE_FAILURE=raise|eager, FXKILN_SIMULATE_CAPTURE=0|1, FXKILN_DEBUG=0|1,
-        FXKILN_KV_CACHE_TOKENS. Any other FXKILN_* variable is an error.
+        FXKILN_KV_CACHE_TOKENS=auto|N, FXKILN_GPU_MEMORY_UTILIZATION=0.9. Any other FXKILN_*
+        variable is an error.
         """
         env = os.environ if environ is None else environ
         parsers = {ENV_PREFIX + spec.name.upper(): spec for spec in dataclasses.fields(cls)}

@@ -57,6 +57,17 @@ def parse_count(raw: str) -> int:
         raise ValueError(f"expected an integer, found {raw!r}") from None
 
 
+def parse_count_or_auto(raw: str) -> int | str:
+    return "auto" if raw.strip() == "auto" else parse_count(raw)
+
+
+def parse_fraction(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number, found {raw!r}") from None
+
+
 def parse_bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -160,6 +171,20 @@ def check_count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}: expected an integer >= 0, found {value!r}")
     return value
+
+
+def check_count_or_auto(name: str, value: Any) -> int | str:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected 'auto' or an integer >= 0, found {value!r}")
+    return value
+
+
+def check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}: expected a fraction in (0, 1], found {value!r}")
+    return float(value)
 
 
 def check_path(name: str, value: Any) -> str | None:

@@ -33,9 +33,10 @@ from compiler.config import CompileConfig
 from compiler.pass_manager import PassManager
 from compiler.report import CompileReport, count_flops, weight_bytes
 from passes import DEFAULT_PIPELINE, PASSES, PassContext
-from runtime.graph_device import CaptureOptions
+from runtime.graph_device import CaptureOptions, graph_device_for
 from runtime.input_snapshot import InputSnapshot, writable_inputs
-from runtime.runner import BucketRunner, graph_device_for, make_runner
+from runtime.memory import weight_memory_bytes
+from runtime.runner import BucketRunner, make_runner
 from runtime.signature_inputs import GraphInputs
 from runtime.signature_runner import SignatureRunner
 from runtime.split import DEFAULT_SPLITTING_OPS
@@ -85,8 +86,10 @@ def compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any
     def build(rewritten: fx.GraphModule, report: CompileReport) -> Runner:
         return bucket_runner(model, rewritten, inputs, config, config.resolved_device())
 
-    return compile_graph(gm, inputs, config, frontend="symbolic_trace", refresh=refresh,
-                         run_context=run_context, build_runner=build)
+    compiled = compile_graph(gm, inputs, config, frontend="symbolic_trace", refresh=refresh,
+                             run_context=run_context, build_runner=build)
+    compiled.report.weight_memory_bytes = weight_memory_bytes(model)
+    return compiled
 
 
 def compile_traced_model(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
@@ -102,24 +105,28 @@ def bucket_runner(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any,
                   config: CompileConfig, device: torch.device) -> BucketRunner:
     """Split `gm` at the splitting ops and capture its pieces per token-count bucket.
 
-    Models that say how to capture them (`capture_spec`, fxkiln's own) are captured for their
-    decode steps; any other model for calls shaped like its example inputs, dim 0 of every
-    tensor input being the token dimension. Padding to a bucket is proven safe at capture
-    unless the model declares `rows_independent = True` (fxkiln's own and serving models do).
+    Models that say how to capture them (`capture_spec`: serving models) are captured for
+    their decode steps, and for prefill steps at `prefill_capture_sizes`; any other model for
+    calls shaped like its example inputs, dim 0 of every tensor input being the token
+    dimension, at `capture_sizes` only. Padding to a bucket is proven safe at capture unless
+    the model declares `rows_independent = True` (fxkiln's own and serving models do).
     """
     describe = getattr(model, "capture_spec", None)
+    prefill_sizes: tuple[int, ...] = ()
     if callable(describe):
         spec = describe(max(config.capture_sizes), config.kv_cache_tokens)
+        prefill_sizes = config.prefill_capture_sizes
     else:
         token_inputs = tuple(i for i, value in enumerate(inputs)
                              if isinstance(value, torch.Tensor) and value.dim() > 0)
         spec = CaptureSpec(inputs, token_input_indices=token_inputs)
     return make_runner(gm, spec.example_inputs, device=device, capture_sizes=config.capture_sizes,
-                       splitting_ops=_splitting_ops(config),
+                       prefill_sizes=prefill_sizes, splitting_ops=_splitting_ops(config),
                        token_input_indices=spec.token_input_indices,
                        warmup_runs=config.capture_warmup_runs, debug=config.debug,
                        capture_failure=config.capture_failure, simulate=config.simulate_capture,
-                       step_context=spec.step_context, static_decode=spec.static_decode,
+                       step_context=spec.step_context, kv_cache=spec.kv_cache,
+                       memory_utilization=config.gpu_memory_utilization,
                        check_padding=not getattr(model, "rows_independent", False))
 
 

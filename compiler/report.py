@@ -18,9 +18,10 @@ from runtime.runner import RunnerStats
 class CompileReport:
     """Per-pass matches and time; FLOPs and weight bytes before and after; runtime figures.
 
-    `pieces`, `captured_sizes`, `captured_signatures`, `capture_seconds` and
-    `graph_memory_bytes` come from the runner (`set_runtime`): for a Dynamo graph they grow as
-    its signatures are captured, on first use. `capture_note` says why nothing is captured.
+    `pieces`, `captured_sizes`, `captured_signatures`, `capture_seconds`, `graph_memory_bytes`
+    and the KV cache figures come from the runner (`set_runtime`): for a Dynamo graph they grow
+    as its signatures are captured, on first use. `capture_note` says why nothing is captured.
+    They stay 0/empty when the model runs without a runner.
     """
 
     frontend: str = ""
@@ -34,20 +35,26 @@ class CompileReport:
     pieces: int = 0
     captured_sizes: tuple[int, ...] = ()
     decode_graph_sizes: tuple[int, ...] = ()   # sizes whose whole decode step is one graph
+    prefill_graph_sizes: tuple[int, ...] = ()  # prefill buckets: pieces replay, LM head eager
     captured_signatures: tuple[str, ...] = ()  # Dynamo graphs: the signatures with graphs
     capture_seconds: float = 0.0
     graph_memory_bytes: int = 0
     capture_note: str = ""  # why nothing is captured (or not yet), or how it is limited
     compile_seconds: float = 0.0
+    weight_memory_bytes: int = 0               # what the model's weights take on the device
+    kv_cache_tokens: int = 0                   # slots of the runner's KV cache (0: none)
+    kv_cache_bytes: int = 0
 
     def set_runtime(self, stats: RunnerStats) -> None:
         """Take the runtime figures of a runner's `RunnerStats`."""
         self.pieces, self.captured_sizes = stats.pieces, stats.captured_sizes
         self.decode_graph_sizes = stats.decode_graph_sizes
+        self.prefill_graph_sizes = stats.prefill_graph_sizes
         self.captured_signatures = stats.captured_signatures
         self.capture_seconds = stats.capture_seconds
         self.graph_memory_bytes = stats.graph_memory_bytes
         self.capture_note = stats.note
+        self.kv_cache_tokens, self.kv_cache_bytes = stats.kv_cache_tokens, stats.kv_cache_bytes
 
     def add_passes(self, records: Sequence[PassRecord]) -> None:
         for record in records:
@@ -80,6 +87,11 @@ class CompileReport:
                      f"{self.graph_memory_bytes / 2**20:.1f} MiB graph memory")
         whole = ", ".join(map(str, self.decode_graph_sizes)) or "none"
         lines.append(f"  decode steps   one graph each at sizes: {whole}")
+        prefill = ", ".join(map(str, self.prefill_graph_sizes)) or "none"
+        lines.append(f"  prefill steps  pieces replay, LM head eager, at sizes: {prefill}")
+        lines.append(f"  memory         weights {self.weight_memory_bytes / 2**30:.3f} GiB, "
+                     f"graphs {self.graph_memory_bytes / 2**30:.3f} GiB, KV cache "
+                     f"{self.kv_cache_tokens} tokens {self.kv_cache_bytes / 2**30:.3f} GiB")
         lines += [f"  signature      {label}" for label in self.captured_signatures]
         if self.capture_note:
             label = "note        " if self.captured_sizes else "not captured"

@@ -1,7 +1,9 @@
 """fxkiln's own models, built on parallel layers, and `from_hf` to load Hugging Face weights."""
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,9 @@ from models.base import ProjectModel
 from models.errors import UnsupportedConfigError, WeightLoadError
 from models.parallel import TensorParallel
 from models.weights import iterate_safetensors, load_weights
+from runtime.memory import weight_memory_bytes
+
+logger = logging.getLogger(__name__)
 
 
 def _model_classes() -> dict[str, type[ProjectModel]]:
@@ -54,8 +59,12 @@ def from_hf(hf_model_or_dir: Any, tp_size: int = 1, *, group: dist.ProcessGroup 
         raise UnsupportedConfigError("model_type", model_type, sorted(classes))
     tp = _tensor_parallel(tp_size, group)
     model = classes[model_type](config, tp=tp)
+    start = time.perf_counter()
     model.to(dtype=dtype or default_dtype, device=device or default_device)
     load_weights(model, weights)
+    logger.info("Loading model weights took %.4f GiB (%s, %.2f s)",
+                weight_memory_bytes(model) / 2**30, type(model).__name__,
+                time.perf_counter() - start)
     return model.eval()
 
 

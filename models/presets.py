@@ -42,7 +42,7 @@ PRESETS: dict[str, Callable[[], Any]] = {
         max_position_embeddings=1024),
     "llama-tiny": lambda: _llama(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
 }
 TINY_OF = {"bart-large": "bart-tiny", "llama-1b": "llama-tiny", "llama-8b": "llama-tiny"}
 

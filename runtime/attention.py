@@ -21,11 +21,14 @@ settings ("auto": the highest priority the device supports):
 - "native" (`native_attention`): torch SDPA, one call for a decode step's whole batch (over K/V
   gathered from the cache), one call per sequence otherwise. It reads host-side lengths, so it
   cannot serve a captured decode step.
-- "triton" (`triton_attention`): on decode steps, Triton kernels that read the layout from
-  device tensors only (`runtime.kernels.decode_attention`: one program per sequence, KV head and
-  context split for the whole query group, the step's cache write in the same kernel, a small
-  reduce when the context is split), so a CUDA graph can hold them
-  (`AttentionMetadata.static_decode`); other steps go to native.
+- "triton" (`triton_attention`): Triton kernels that read the layout from device tensors only,
+  GQA without copies, so a CUDA graph can hold them. Decode steps
+  (`AttentionMetadata.static_decode` or one new token per sequence):
+  `runtime.kernels.decode_attention` (one program per sequence, KV head and context split for
+  the whole query group, the step's cache write in the same kernel, a small reduce when the
+  context is split). Every other step (a prefill of many prompts, chunks over a cached prefix,
+  chunks mixed with decode tokens): the cache write, then one variable-length attention launch
+  for all the step's sequences (`runtime.kernels.varlen_attention_jit`).
 """
 from __future__ import annotations
 
@@ -38,11 +41,14 @@ from runtime.kernels import native, triton_kernels
 from runtime.kv_cache import AttentionKind, LayerKVCache
 
 try:
-    from runtime.kernels import attention_jit, decode_attention
+    from runtime.kernels import attention_jit, decode_attention, varlen_attention_jit
 except ModuleNotFoundError as missing:  # Triton absent: native attention only
     if missing.name is None or not missing.name.startswith("triton"):
         raise
-    attention_jit = decode_attention = None  # type: ignore[assignment]
+    attention_jit = decode_attention = varlen_attention_jit = None  # type: ignore[assignment]
+
+VARLEN_BLOCK_M = 64  # query rows per program of the variable-length kernel
+VARLEN_BLOCK_N = 64  # key positions per inner step
 
 
 class GraphUnsafeAttentionError(RuntimeError):
@@ -158,7 +164,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     if num_new == 0:
         return
     mask = None
-    if causal and num_new > 1:
+    whole = causal and num_new == num_context  # a plain prefill: SDPA's own (fast) causal mask
+    if causal and num_new > 1 and not whole:   # a chunk over a cached prefix
         key_pos = torch.arange(num_context, device=q.device)
         query_pos = torch.arange(num_new, device=q.device) + (num_context - num_new)
         mask = key_pos[None, :] <= query_pos[:, None]  # (new, context)
@@ -166,15 +173,17 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     if group > 1:
         k = k.repeat_interleave(group, dim=1)  # (context, heads, hd)
         v = v.repeat_interleave(group, dim=1)
-    result = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-    )  # (heads, new, hd)
+    result = F.scaled_dot_product_attention(  # 4-D: 3-D inputs miss the fused CPU kernels
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, scale=scale, is_causal=whole and num_new > 1,
+    )[0]  # (heads, new, hd)
     out.copy_(result.transpose(0, 1).reshape(num_new, -1))
 
 
 def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
-    """Decode steps through the Triton kernels (graph-safe); any other step through native."""
+    """Decode steps through the Triton decode kernels, any other step through the
+    variable-length kernel; both graph-safe."""
     spec = cache.spec
     decode_step = meta.static_decode or (meta.is_decode and meta.num_actual_encoder_tokens == 0
                                          and meta.num_seqs > 0)
@@ -182,9 +191,55 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         output.zero_()  # a decode step brings no encoder tokens: these rows are all padding
         return
     if spec.kind is AttentionKind.ENCODER or not decode_step:
-        native_attention(query, key, value, output, cache, meta)
+        _launch_varlen(query, key, value, output, cache, meta)
         return
     decode_attention.decode_step(query, key, value, output, cache, meta)
+
+
+def _launch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
+    """Write the step's K/V to the cache (cached kinds), then attend every sequence's new rows
+    in one launch: causal over the cache (decoder), over the encoder's cached K/V (cross), or
+    over the step's own rows (encoder). Rows past the step's real tokens are zeroed."""
+    spec = cache.spec
+    tables = lengths = None
+    if spec.kind is AttentionKind.ENCODER:
+        rows, starts = meta.num_actual_encoder_tokens, meta.device_encoder_query_start_loc()
+        keys, values = key[:rows], value[:rows]
+    else:
+        assert cache.key is not None and cache.value is not None
+        rows, starts = meta.num_actual_tokens, meta.device_query_start_loc()
+        if spec.kind is AttentionKind.DECODER:
+            decode_attention.write_kv(cache, key, value, meta.slot_mapping)
+            tables, lengths = meta.slot_tables, meta.device_seq_lens()
+        else:
+            if meta.encoder_slot_mapping is not None:
+                decode_attention.write_kv(cache, key, value, meta.encoder_slot_mapping)
+            tables, lengths = meta.encoder_slot_tables, meta.device_encoder_seq_lens()
+        keys, values = cache.key, cache.value                 # (slots, kv_heads, head_size)
+    if starts is None or (spec.kind is not AttentionKind.ENCODER and tables is None):
+        raise ValueError(f"{spec.kind.value} attention needs encoder metadata, found none")
+    output[rows:].zero_()  # padding rows
+    if rows == 0:
+        return
+    contiguous = decode_attention.rows_contiguous
+    keys, values = contiguous(keys), contiguous(values)
+    queries, out = contiguous(query[:rows]), output[:rows]
+    if out.stride(-1) != 1:
+        raise ValueError(f"attention output: expected a contiguous last dimension, found "
+                         f"strides {tuple(output.stride())}")
+    tables = None if tables is None else tables if tables.stride(1) == 1 else tables.contiguous()
+    num_seqs = starts.shape[0] - 1
+    varlen_attention_jit.varlen_attention_kernel[(rows // VARLEN_BLOCK_M + num_seqs,
+                                                  spec.num_heads)](
+        out, queries, keys, values, starts if tables is None else tables, starts,
+        starts if lengths is None else lengths, num_seqs, queries.stride(0), out.stride(0),
+        keys.stride(0), values.stride(0), 0 if tables is None else tables.stride(0), spec.scale,
+        GROUP=spec.num_heads // spec.num_kv_heads, HEAD_SIZE=spec.head_size,
+        BLOCK_M=VARLEN_BLOCK_M, BLOCK_N=VARLEN_BLOCK_N,
+        BLOCK_D=max(16, triton_kernels._next_power_of_2(spec.head_size)),
+        CAUSAL=spec.kind is AttentionKind.DECODER, PAGED=tables is not None,
+        IEEE=query.dtype == torch.float32, num_warps=4)
 
 
 registry.register_kernel("attention", "native", supports=native._everywhere)(native_attention)

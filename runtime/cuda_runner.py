@@ -55,6 +55,7 @@ class CUDAGraphDevice(GraphDevice):
     """Real CUDA graphs; see the module docstring."""
 
     uses_graphs = True
+    profiles_memory = True
 
     def __init__(self, device: torch.device | str) -> None:
         self._pool: Any = None

@@ -42,6 +42,11 @@ class AttentionMetadata:
     read them through `device_seq_lens()` / `device_encoder_seq_lens()`, which build them from
     the tuples on first use when not given (once per step, and never for steps that need none):
       seq_lens_tensor: (num_seqs,) and encoder_seq_lens_tensor: (num_seqs,).
+    `device_query_start_loc()` / `device_encoder_query_start_loc()` do the same for the offsets.
+    logits_indices: (rows read,) int64 step rows whose logits the caller reads (the last token
+      of each sequence that finishes its prompt or decodes), in the order it reads them; None:
+      every row. The LM head computes only these rows (`runtime.logits_rows`); a step that sets
+      it never replays a device graph (the graphs were captured computing every row).
     static_decode: the layout lives in static device buffers that a graph reads (a captured
       decode step): every row is one sequence's new token, and a padding row has slot -1 and
       length 0 in the tensors, whatever the host tuples say. Attention must then read the
@@ -59,6 +64,7 @@ class AttentionMetadata:
     seq_lens_tensor: torch.Tensor | None = None
     encoder_seq_lens_tensor: torch.Tensor | None = None
     static_decode: bool = False
+    logits_indices: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         num_seqs = len(self.seq_lens)
@@ -68,6 +74,12 @@ class AttentionMetadata:
                 raise ValueError(f"sequence {i}: {query_len} new tokens but seq_lens[{i}] = {seq_len}")
         _check_rows("slot_mapping", self.slot_mapping, self.num_actual_tokens)
         _check_table("slot_tables", self.slot_tables, num_seqs, max(self.seq_lens, default=0))
+        if self.logits_indices is not None and (self.logits_indices.dim() != 1
+                                                or self.logits_indices.shape[0]
+                                                > self.num_actual_tokens):
+            raise ValueError(f"logits_indices: expected shape (rows,) with at most "
+                             f"{self.num_actual_tokens} rows (the step's tokens), found "
+                             f"{tuple(self.logits_indices.shape)}")
         if self.encoder_seq_lens is None:
             return
         if self.encoder_query_start_loc is None or self.encoder_slot_mapping is None \
@@ -96,6 +108,23 @@ class AttentionMetadata:
             object.__setattr__(self, "encoder_seq_lens_tensor",
                                _device_lengths(self.encoder_seq_lens, self.slot_tables.device))
         return self.encoder_seq_lens_tensor
+
+    def device_query_start_loc(self) -> torch.Tensor:
+        """`query_start_loc` as an int32 tensor on the slot tables' device (built once)."""
+        return self._device("_query_start_loc_tensor", self.query_start_loc)
+
+    def device_encoder_query_start_loc(self) -> torch.Tensor | None:
+        """`encoder_query_start_loc` likewise; None for models without an encoder."""
+        if self.encoder_query_start_loc is None:
+            return None
+        return self._device("_encoder_query_start_loc_tensor", self.encoder_query_start_loc)
+
+    def _device(self, attribute: str, values: tuple[int, ...]) -> torch.Tensor:
+        tensor = self.__dict__.get(attribute)
+        if tensor is None:
+            tensor = _device_lengths(values, self.slot_tables.device)
+            object.__setattr__(self, attribute, tensor)
+        return tensor
 
     @property
     def num_seqs(self) -> int:

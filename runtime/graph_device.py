@@ -3,7 +3,8 @@
 The runners (`runtime/runner.py` for fxkiln's own models, `runtime/signature_runner.py` for
 graphs from Dynamo) are device-agnostic; each holds one `GraphDevice`. The base class is the
 plain CPU, which has no graphs (`uses_graphs` is False). A device subclass supplies
-`capture_graph()`, `_read_properties()` and `memory_profiler()`; the other hooks (a guard
+`capture_graph()`, `_read_properties()` and `memory_profiler()`, and says whether it sizes
+KV caches by a profiling forward (`profiles_memory`: CUDA does); the other hooks (a guard
 against host synchronization, a session around captures, padding and pre-replay hooks for the
 replay simulator) default to doing nothing. `runtime/cuda_runner.py` holds the CUDA device,
 `runtime/replay_simulator.py` the simulator.
@@ -20,7 +21,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from runtime.memory import DeviceMemoryProfiler
+from runtime.memory import DeviceMemoryProfiler, MemoryProfile, profile_peak
 
 CAPTURE_FAILURE_CHOICES = ("raise", "eager")
 
@@ -64,6 +65,8 @@ class GraphDevice:
     """The plain CPU: no graphs. Subclasses add capture (see the module docstring)."""
 
     uses_graphs: ClassVar[bool] = False
+    # "auto" KV caches are sized by a profiling forward (`profile_forward`); else a fixed size
+    profiles_memory: ClassVar[bool] = False
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -81,6 +84,10 @@ class GraphDevice:
 
     def memory_profiler(self) -> DeviceMemoryProfiler:
         return DeviceMemoryProfiler(self.device)
+
+    def profile_forward(self, run: Callable[[], object]) -> MemoryProfile:
+        """Free memory before `run()` (a forward at the largest step) and its peak growth."""
+        return profile_peak(run, self.device)
 
     def capture_graph(self, run: Callable[..., Any], args: Sequence[Any], *, key: Hashable,
                       keep_outputs: bool, host_scalars: frozenset[int] = frozenset(),
@@ -126,3 +133,16 @@ def gc_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def graph_device_for(device: torch.device | str, simulate: bool = False) -> GraphDevice:
+    """The replay simulator (CUDA-graph buffer semantics with eager kernels, any device) when
+    `simulate`; else CUDA graphs on CUDA devices and no graphs on the CPU."""
+    device = torch.device(device)
+    if simulate:
+        from runtime.replay_simulator import SimulatedGraphDevice
+        return SimulatedGraphDevice(device)
+    if device.type == "cuda":
+        from runtime.cuda_runner import CUDAGraphDevice
+        return CUDAGraphDevice(device)
+    return GraphDevice(device)

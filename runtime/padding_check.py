@@ -17,6 +17,7 @@ metadata) and skip the check.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,10 +26,26 @@ from torch.utils import _pytree as pytree
 
 from runtime.static_inputs import StaticInputs
 
+logger = logging.getLogger(__name__)
+
 # (rtol, atol) a row-independent forward stays within when only its batch size changes (kernels
 # may block a different M differently); a leak of padding into real rows is far beyond these
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-9)}
 LOW_PRECISION_TOLERANCE = (2e-2, 2e-2)  # bfloat16, float16
+
+
+def exact_sizes_reason(inputs: StaticInputs, run: Callable[[int, Sequence[Any]], Any],
+                       buckets: Sequence[int]) -> str:
+    """Why graphs may replay only for calls of exactly a bucket's size ("" when padding is
+    safe), warned once."""
+    with torch.no_grad():
+        leak = padding_leak(inputs, run, buckets)
+    if leak is None:
+        return ""
+    reason = f"padding changes real rows ({leak})"
+    logger.warning("the model's rows interact: %s; graphs replay only for calls of exactly a "
+                   "captured size, other calls run eagerly", reason)
+    return reason
 
 
 def padding_leak(inputs: StaticInputs, run: Callable[[int, Sequence[Any]], Any],

@@ -7,6 +7,12 @@ piece eagerly, warm it up, capture a graph of it for the step's key (a bucket si
 input-shape signature), or replay that graph. Pieces with splitting ops (attention) always run
 eagerly.
 
+The last piece, when it holds the graph's `fxkiln::logits_rows` (the rows whose logits a step
+reads, before the LM head), also keeps a two-part form: a head PieceRunner for the nodes before
+the op, and the op with what follows it, run eagerly. A step with `eager_logits` (a prefill
+step, which reads a few rows) replays the head's graph and computes the LM head on its rows
+only; at decode buckets the piece captures both forms, so decode steps keep their one graph.
+
 A captured graph reads its inputs from the addresses they had at capture. Inputs that come
 from the split module's placeholders (static token buffers, weights) or from pieces captured
 for the same key keep their addresses; inputs from eagerly run pieces are fresh tensors each
@@ -24,6 +30,7 @@ import torch
 from torch import fx
 
 from runtime.graph_device import CapturedGraph, CaptureOptions, GraphDevice
+from runtime.logits_rows import is_logits_rows, split_at_logits_rows
 from runtime.split import Piece, SplitGraph
 from runtime.step import StepMode, current_step
 
@@ -87,18 +94,46 @@ class PieceRunner(torch.nn.Module):
         self._producers = producers
         self._placeholders = tuple(piece.graph_module.graph.find_nodes(op="placeholder"))
         self._arg_names = tuple(n.name for n in self._placeholders)
+        # steps with eager_logits: the head's graph, then logits_rows and the LM head eagerly
+        self.logits_form: fx.GraphModule | None = None
+        self.logits_head: PieceRunner | None = None
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.entries) + (0 if self.logits_head is None else len(self.logits_head.entries))
 
     def __call__(self, *args: Any) -> Any:  # skips nn.Module's hook machinery on the hot path
         step = current_step()
+        if step.eager_logits and self.logits_form is not None and step.mode is not StepMode.EAGER:
+            return self.logits_form(*args)  # its head replays, warms up or captures
         if step.mode is StepMode.PIECEWISE:
             entry = self.entries.get(step.key)
             if entry is not None:
                 return self._replay(entry, args)
         elif step.mode is StepMode.CAPTURE and not self.capture_disabled:
+            if self.logits_head is not None:
+                self.logits_form(*args)  # the head too, for steps at this key that read rows
             return self._capture(step.key, args)
         elif step.mode is StepMode.WARMUP and not self.capture_disabled:
             return self._warm_up(step.key, args)
         return self.graph_module(*args)
+
+    def split_logits(self) -> None:
+        """Give this piece (holding the graph's logits_rows) its two-part form."""
+        two = split_at_logits_rows(self.graph_module)
+        if two is None:  # nothing before the op: those steps run the whole piece eagerly
+            self.logits_form = self.graph_module
+            return
+        (call,) = two.graph.find_nodes(op="call_module", target="submod_0")
+        outer = {node.name: i for i, node in enumerate(two.graph.find_nodes(op="placeholder"))}
+        producers = tuple(self._producers[outer[arg.name]]
+                          if isinstance(arg, fx.Node) and arg.name in outer else None
+                          for arg in call.args)
+        head = Piece(f"{self.piece.name}.head", two.submod_0, is_splitting=False,
+                     node_names=tuple(n.name for n in two.submod_0.graph.nodes))
+        self.logits_head = PieceRunner(head, self._host, producers, is_last=True)
+        two.submod_0 = self.logits_head
+        self.logits_form = two
 
     def _warm_up(self, key: Hashable, args: tuple[Any, ...]) -> Any:
         """Run eagerly, refusing host synchronization: a piece that syncs cannot be captured,
@@ -201,3 +236,14 @@ def install_piece_runners(split: SplitGraph, host: PieceHost) -> tuple[PieceRunn
                                           is_last=position == len(split.pieces) - 1)
         setattr(top, piece.name, runners[piece.name])
     return tuple(runners.values())
+
+
+def split_logits_piece(runners: tuple[PieceRunner, ...]) -> bool:
+    """Give the last piece its two-part form when it holds the graph's only logits_rows node
+    (and so computes nothing another piece reads after the op); whether it did."""
+    holders = [runner for runner in runners for node in runner.graph_module.graph.nodes
+               if is_logits_rows(node)]
+    if len(holders) != 1 or holders[0] is not runners[-1] or runners[-1].capture_disabled:
+        return False
+    runners[-1].split_logits()
+    return True

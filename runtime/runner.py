@@ -2,14 +2,23 @@
 
 `BucketRunner` is device-agnostic; it holds a `GraphDevice` (`runtime/graph_device.py`) that
 captures. It owns the split graph, one static buffer per token input (`runtime/static_inputs.py`)
-and the buckets (`capture_sizes`). A call with n tokens picks the smallest bucket >= n (bisect),
-copies the token inputs into the first n rows of the static buffers (rows n.. are padding), runs
-the pieces (captured pieces replay their graph for that bucket) and slices the token dimension
-of the outputs back to n. More tokens than the largest bucket: the pieces run eagerly on the
-inputs as given, with one warning per runner. So does a call whose non-token, non-parameter tensor
-inputs differ in shape from the example inputs (an encoder-decoder prefill step when the graphs
-were captured for decode steps). Whole decode steps (one graph, attention included) come from
-`runtime/whole_step.py` when the runner is given a `StaticDecodeState`.
+and the buckets (`runtime/buckets.py`: decode sizes, and prefill sizes above them). A call with
+n tokens picks the smallest bucket >= n, copies the token inputs into the first n rows of the
+static buffers (rows n.. are padding), runs the pieces (captured pieces replay their graph for
+that bucket) and slices the token dimension of the outputs back to n. More tokens than the
+largest bucket: the pieces run eagerly on the inputs as given, with one warning per runner. So
+does a call whose non-token, non-parameter tensor inputs differ in shape from the example inputs
+(an encoder-decoder step that runs the encoder, when the graphs were captured without it).
+
+A step that reads the logits of some rows only (`runtime.logits_rows`: a prefill step), and any
+step at a prefill bucket, replays the pieces up to the op and runs the op and the LM head after
+it eagerly, on the rows read (`StepDescriptor.eager_logits`, `runtime/piece_runner.py`); a
+graph whose last piece does not hold its one logits_rows op runs steps that read rows eagerly
+and gets no prefill buckets. Whole decode steps (one graph, attention included) come from
+`runtime/whole_step.py` when the runner is given a `KVCachePlan`: after the piecewise captures
+it builds its own KV caches (for "auto", sized by a profiling forward at the largest bucket on
+devices that profile, `runtime.memory`), then captures the whole steps over them at the
+decode buckets.
 
 Each call's step mode (whole-step graph, piecewise replay, eager) is decided once, in
 `dispatch()`, and carried to the pieces in a frozen `StepDescriptor` (`runtime/step.py`).
@@ -27,7 +36,7 @@ int equal to their token count, is taken to be the token count and replaced by t
 """
 from __future__ import annotations
 
-import bisect
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -40,12 +49,15 @@ from torch import fx
 from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
-from runtime.graph_device import CaptureOptions, DeviceProperties, GraphDevice
-from runtime.padding_check import padding_leak
-from runtime.piece_runner import PieceRunner, install_piece_runners
+from runtime.buckets import Buckets
+from runtime.graph_device import CaptureOptions, DeviceProperties, GraphDevice, graph_device_for
+from runtime.logits_rows import is_logits_rows, selects_logits_rows
+from runtime.memory import MemoryProfile, weight_memory_bytes
+from runtime.padding_check import exact_sizes_reason
+from runtime.piece_runner import PieceRunner, install_piece_runners, split_logits_piece
 from runtime.split import DEFAULT_SPLITTING_OPS, split_graph
-from runtime.static_decode import StaticDecodeState
-from runtime.static_inputs import StaticInputs
+from runtime.static_decode import KVCachePlan, StaticDecodeState
+from runtime.static_inputs import StaticInputs, static_outputs
 from runtime.step import EAGER_STEP, StepDescriptor, StepMode, running
 from runtime.whole_step import WholeStepGraphs
 
@@ -69,9 +81,12 @@ class RunnerStats:
     graph_memory_bytes: int
     graphs: int = 0                       # captured graphs (piece graphs and whole steps)
     decode_graph_sizes: tuple[int, ...] = ()  # sizes with a whole-step graph
+    prefill_graph_sizes: tuple[int, ...] = ()  # prefill buckets (their LM head eager)
     eager_pieces: tuple[str, ...] = ()    # pieces that run eagerly at every size
     captured_signatures: tuple[str, ...] = ()
     note: str = ""
+    kv_cache_tokens: int = 0              # slots of the runner's own KV cache (0: none)
+    kv_cache_bytes: int = 0
 
 
 class BucketRunner:
@@ -79,28 +94,35 @@ class BucketRunner:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                  graph_device: GraphDevice, capture_sizes: Sequence[int] = (),
+                 prefill_sizes: Sequence[int] = (),
                  splitting_ops: Sequence[Any] = DEFAULT_SPLITTING_OPS,
                  token_input_indices: Sequence[int] = (),
                  options: CaptureOptions = CaptureOptions(),
                  step_context: StepContext | None = None,
-                 static_decode: StaticDecodeState | None = None,
+                 kv_cache: KVCachePlan | None = None, memory_utilization: float = 0.9,
                  check_padding: bool = False) -> None:
-        sizes = tuple(capture_sizes)
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"capture_sizes: expected positive ints, found {sizes!r}")
+        buckets = Buckets.of(capture_sizes, prefill_sizes)
         self.graph_device = graph_device
         self.device = graph_device.device
         self.options = options
         self.step_context = step_context
         graphs = graph_device.uses_graphs
-        self.static_decode = static_decode if graphs else None
-        self.whole_steps = (WholeStepGraphs(static_decode, graph_device, options)
-                            if graphs and static_decode is not None else None)
-        self.capture_sizes = tuple(sorted(set(sizes))) if graphs else ()
+        self.kv_cache = kv_cache if graphs else None
+        self.memory_utilization = memory_utilization
+        self.static_decode: StaticDecodeState | None = None   # built by capture()
+        self.whole_steps: WholeStepGraphs | None = None
+        self.buckets = buckets if graphs else Buckets()
         self.split = split_graph(gm, splitting_ops)
         self.piece_runners: tuple[PieceRunner, ...] = install_piece_runners(self.split, self)
+        # steps that read some rows' logits: any graph if the model computes every row anyway
+        self._rows_matter = any(is_logits_rows(node) for node in gm.graph.nodes)
+        self._eager_logits = self._rows_matter and split_logits_piece(self.piece_runners)
+        if self.buckets.prefill and not self._eager_logits:
+            logger.info("no prefill graphs: the graph has no logits_rows op to stop them at "
+                        "(they would compute and keep every row's logits)")
+            self.buckets = Buckets(self.buckets.decode)
         self._inputs = StaticInputs(gm, example_inputs, token_input_indices,
-                                    max(self.capture_sizes, default=0), self.device)
+                                    max(self.buckets.all, default=0), self.device)
         self.host_scalars = frozenset(
             x.data_ptr() for i, x in enumerate(self._inputs.example_inputs)
             if isinstance(x, torch.Tensor) and x.dim() == 0 and not self._inputs.is_token_input(i))
@@ -112,7 +134,8 @@ class BucketRunner:
         self.stats = RunnerStats(pieces=len(self.split.pieces), captured_sizes=(),
                                  capture_seconds=0.0, graph_memory_bytes=0,
                                  eager_pieces=self._eager_pieces(),
-                                 note="" if graphs else f"{self.device.type} has no device graphs")
+                                 note="" if graphs else f"{self.device.type} has no device graphs",
+                                 **self._cache_stats())
 
     @property
     def device_properties(self) -> DeviceProperties:
@@ -120,62 +143,92 @@ class BucketRunner:
 
     # -- capture --------------------------------------------------------------------------
     def capture(self) -> RunnerStats:
-        """Warm up and capture every bucket, largest first; fills and returns `stats`."""
-        if not self.capture_sizes or self.stats.captured_sizes:
+        """Warm up and capture every bucket, largest first; then, given a KV cache plan, build
+        the runner's caches and capture whole decode steps over them. Fills `stats`."""
+        if not self.buckets.all or self.stats.captured_sizes:
             return self.stats  # nothing to capture, or captured already
         start = time.perf_counter()
         if self.check_padding:
             self._check_padding()
         leading_dims: dict[int, list[int | None]] = {}
-        sizes = sorted(self.capture_sizes, reverse=True)
+        sizes = sorted(self.buckets.all, reverse=True)
         with self.graph_device.capturing() as profiler:
             for bucket in tqdm(sizes, desc="capturing graphs", unit="size", disable=None):
                 leading_dims[bucket] = self._capture_bucket(bucket)
-            for bucket in sizes if self.whole_steps is not None else ():
+        self._token_outputs = tuple(all(dims[i] == b for b, dims in leading_dims.items())
+                                    for i in range(len(leading_dims[sizes[0]])))
+        graph_bytes = profiler.consumed_bytes
+        if self.kv_cache is not None:
+            graph_bytes += self._capture_whole_steps(self.kv_cache, graph_bytes)
+        seconds = time.perf_counter() - start
+        whole = self.whole_steps.sizes if self.whole_steps is not None else ()
+        graphs = sum(p.graph_count for p in self.piece_runners) + len(whole)
+        self.stats = RunnerStats(
+            pieces=len(self.split.pieces), captured_sizes=self.buckets.all,
+            capture_seconds=seconds, graph_memory_bytes=graph_bytes,
+            graphs=graphs, eager_pieces=self._eager_pieces(), decode_graph_sizes=whole,
+            prefill_graph_sizes=self.buckets.prefill, **self._cache_stats(),
+            note=f"captured at exact sizes only: {self.exact_sizes_only}"
+            if self.exact_sizes_only else "")
+        logger.info("captured %d graphs for %d sizes (%d prefill) in %.2f s, %.2f GiB", graphs,
+                    len(self.buckets.all), len(self.buckets.prefill), seconds,
+                    graph_bytes / 2**30)
+        return self.stats
+
+    def _capture_whole_steps(self, plan: KVCachePlan, graph_bytes: int) -> int:
+        """Build the runner's KV caches (sized now, after the piecewise graphs) and capture a
+        whole decode step per bucket over them; returns the memory those graphs keep."""
+        profile = ((lambda: self._profile_largest_step(graph_bytes))
+                   if self.graph_device.profiles_memory else None)
+        self.static_decode = plan.build(plan.slots(profile, self.memory_utilization))
+        self.whole_steps = WholeStepGraphs(self.static_decode, self.graph_device, self.options)
+        logger.info("runner KV cache: %d tokens, %.3f GiB", self.static_decode.num_slots,
+                    self.static_decode.cache_bytes / 2**30)
+        with self.graph_device.capturing() as profiler:
+            for bucket in sorted(self.buckets.decode, reverse=True):
                 if not self.whole_steps.capture(bucket, self._inputs.capture_args(bucket),
                                                 self._run_eagerly):
                     break
-        self._token_outputs = tuple(all(dims[i] == b for b, dims in leading_dims.items())
-                                    for i in range(len(leading_dims[sizes[0]])))
-        seconds = time.perf_counter() - start
-        whole = self.whole_steps.sizes if self.whole_steps is not None else ()
-        graphs = sum(len(p.entries) for p in self.piece_runners) + len(whole)
-        self.stats = RunnerStats(
-            pieces=len(self.split.pieces), captured_sizes=self.capture_sizes,
-            capture_seconds=seconds, graph_memory_bytes=profiler.consumed_bytes,
-            graphs=graphs, eager_pieces=self._eager_pieces(), decode_graph_sizes=whole,
-            note=f"captured at exact sizes only: {self.exact_sizes_only}"
-            if self.exact_sizes_only else "")
-        logger.info("captured %d graphs for %d sizes in %.2f s, %.2f GiB", graphs,
-                    len(self.capture_sizes), seconds, profiler.consumed_bytes / 2**30)
-        return self.stats
+        return profiler.consumed_bytes
+
+    def _profile_largest_step(self, graph_bytes: int) -> MemoryProfile:
+        """An eager forward at the largest bucket (every row's logits: the most a step of that
+        size computes), measured by the device, with this model's weights and graphs."""
+        bucket = self.buckets.all[-1]
+        args = self._inputs.capture_args(bucket)
+        with torch.no_grad(), self._step_context(bucket):
+            measured = self.graph_device.profile_forward(lambda: self._run_eagerly(*args))
+        return dataclasses.replace(measured, graph_bytes=graph_bytes,
+                                   weight_bytes=weight_memory_bytes(self.split.split_module))
 
     def _check_padding(self) -> None:
-        """Padding proven before it is used (`runtime/padding_check.py`); if it changes real
-        rows, calls replay only at a bucket's exact size and run eagerly otherwise."""
+        """Calls replay only at a bucket's exact size if padding changes real rows."""
         def run(tokens: int, args: Sequence[Any]) -> Any:
             with self._step_context(tokens):
                 return self._run_eagerly(*args)
 
-        with torch.no_grad():
-            reason = padding_leak(self._inputs, run, self.capture_sizes)
-        if reason is not None:
-            self.exact_sizes_only = f"padding changes real rows ({reason})"
-            logger.warning("the model's rows interact: %s; graphs replay only for calls of "
-                           "exactly a captured size, other calls run eagerly",
-                           self.exact_sizes_only)
+        self.exact_sizes_only = exact_sizes_reason(self._inputs, run, self.buckets.all)
 
     def _capture_bucket(self, bucket: int) -> list[int | None]:
         args = self._inputs.capture_args(bucket)
+        eager_logits = self.buckets.is_prefill(bucket)
         with self._step_context(bucket):
             for _ in range(self.options.warmup_runs):
-                self._run(StepDescriptor(StepMode.WARMUP, bucket), args)
-            outputs = self._run(StepDescriptor(StepMode.CAPTURE, bucket), args)
+                self._run(StepDescriptor(StepMode.WARMUP, bucket, eager_logits=eager_logits),
+                          args)
+            outputs = self._run(StepDescriptor(StepMode.CAPTURE, bucket,
+                                               eager_logits=eager_logits), args)
         return [leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else None
                 for leaf in pytree.tree_leaves(outputs)]
 
     def _step_context(self, bucket: int) -> AbstractContextManager[Any]:
         return self.step_context(bucket) if self.step_context is not None else nullcontext()
+
+    def _cache_stats(self) -> dict[str, int]:
+        state = self.static_decode
+        if state is None:
+            return {}
+        return {"kv_cache_tokens": state.num_slots, "kv_cache_bytes": state.cache_bytes}
 
     def _eager_pieces(self) -> tuple[str, ...]:
         return tuple(p.piece.name for p in self.piece_runners if p.capture_disabled)
@@ -190,25 +243,28 @@ class BucketRunner:
 
     def dispatch(self, num_tokens: int, inputs: Sequence[Any]) -> StepDescriptor:
         """The step for a call of `num_tokens` tokens: decided here, once per call."""
-        index = bisect.bisect_left(self.capture_sizes, num_tokens)
-        if index == len(self.capture_sizes):
+        bucket = self.buckets.for_tokens(num_tokens)
+        if bucket is None:
             if not self._warned_eager:
                 self._warned_eager = True
                 logger.warning("%d tokens is more than the largest captured size %d; running "
-                               "eagerly (warned once)", num_tokens, self.capture_sizes[-1])
+                               "eagerly (warned once)", num_tokens, self.buckets.all[-1])
             return StepDescriptor(StepMode.EAGER, reason="more tokens than the largest bucket")
         if not self._inputs.shapes_match(inputs):
             logger.debug("non-token inputs differ in shape from the example inputs; eager step")
             return StepDescriptor(StepMode.EAGER, reason="non-token input shapes differ")
-        bucket = self.capture_sizes[index]
         if self.exact_sizes_only and bucket != num_tokens:
             return StepDescriptor(StepMode.EAGER, reason=self.exact_sizes_only)
-        if self.whole_steps is not None and self.whole_steps.serves(bucket):
+        reads_rows = self._rows_matter and selects_logits_rows()
+        if reads_rows and not self._eager_logits:  # the graphs compute every row's logits
+            return StepDescriptor(StepMode.EAGER, reason="the step reads some rows' logits")
+        eager_logits = self._eager_logits and (reads_rows or self.buckets.is_prefill(bucket))
+        if not eager_logits and self.whole_steps is not None and self.whole_steps.serves(bucket):
             return StepDescriptor(StepMode.FULL, bucket)
-        return StepDescriptor(StepMode.PIECEWISE, bucket)
+        return StepDescriptor(StepMode.PIECEWISE, bucket, eager_logits=eager_logits)
 
     def __call__(self, *inputs: Any) -> Any:
-        if not self.capture_sizes:
+        if not self.buckets.all:
             return self._run(EAGER_STEP, inputs)
         num_tokens = self._inputs.num_tokens(inputs)
         step = self.dispatch(num_tokens, inputs)
@@ -238,56 +294,32 @@ class BucketRunner:
         return pytree.tree_unflatten(finished, spec)
 
 
-def static_outputs(top: fx.GraphModule, token_inputs: Callable[[int], bool]) -> tuple[bool, ...]:
-    """Per output leaf: True when it is returned as is (an attribute or a non-token input)."""
-    (output,) = top.graph.find_nodes(op="output")
-    placeholders = list(top.graph.find_nodes(op="placeholder"))
-    kinds = []
-    for leaf in pytree.tree_leaves(output.args[0]):
-        if not isinstance(leaf, fx.Node):
-            kinds.append(True)
-        elif leaf.op == "placeholder":
-            kinds.append(not token_inputs(placeholders.index(leaf)))
-        else:
-            kinds.append(leaf.op == "get_attr")
-    return tuple(kinds)
-
-
-def graph_device_for(device: torch.device | str, simulate: bool = False) -> GraphDevice:
-    """The replay simulator (CUDA-graph buffer semantics with eager kernels, any device) when
-    `simulate`; else CUDA graphs on CUDA devices and no graphs on the CPU."""
-    device = torch.device(device)
-    if simulate:
-        from runtime.replay_simulator import SimulatedGraphDevice
-        return SimulatedGraphDevice(device)
-    if device.type == "cuda":
-        from runtime.cuda_runner import CUDAGraphDevice
-        return CUDAGraphDevice(device)
-    return GraphDevice(device)
-
-
 def make_runner(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                 device: torch.device | str, capture_sizes: Sequence[int],
+                prefill_sizes: Sequence[int] = (),
                 splitting_ops: Sequence[Any] = DEFAULT_SPLITTING_OPS,
                 token_input_indices: Sequence[int], warmup_runs: int = 1, debug: bool = False,
                 capture_failure: str = "raise", simulate: bool = False,
-                step_context: StepContext | None = None,
-                static_decode: StaticDecodeState | None = None,
-                check_padding: bool = False) -> BucketRunner:
+                step_context: StepContext | None = None, kv_cache: KVCachePlan | None = None,
+                memory_utilization: float = 0.9, check_padding: bool = False) -> BucketRunner:
     """Build the bucket runner for `device` (see `graph_device_for`) and capture its graphs.
 
     `step_context(num_tokens)`: a context manager entered around each warm-up and capture
     forward (set the per-step attention metadata there); calls need it set by the caller.
-    `static_decode`: capture whole decode steps too, reading that state (`runtime/whole_step.py`).
-    `check_padding`: prove at capture that padding leaves real rows alone
-    (`runtime/padding_check.py`), for models that do not declare their rows independent.
+    `prefill_sizes`: buckets above the largest capture size for prefill steps, their LM head
+    run eagerly (`runtime.buckets`). `kv_cache`: build the runner's own KV caches after the piecewise captures (sized from a
+    profiling forward for "auto" on devices that profile, taking `memory_utilization` of the
+    device less what the model needs besides) and capture whole decode steps over them
+    (`runtime/whole_step.py`). `check_padding`: prove at capture that padding leaves real rows
+    alone (`runtime/padding_check.py`), for models that do not declare their rows independent.
     """
     options = CaptureOptions(warmup_runs=warmup_runs, capture_failure=capture_failure,
                              debug=debug)
     runner = BucketRunner(gm, example_inputs, graph_device=graph_device_for(device, simulate),
-                          capture_sizes=capture_sizes, splitting_ops=splitting_ops,
+                          capture_sizes=capture_sizes, prefill_sizes=prefill_sizes,
+                          splitting_ops=splitting_ops,
                           token_input_indices=token_input_indices, options=options,
-                          step_context=step_context, static_decode=static_decode,
-                          check_padding=check_padding)
+                          step_context=step_context, kv_cache=kv_cache,
+                          memory_utilization=memory_utilization, check_padding=check_padding)
     runner.capture()
     return runner

@@ -11,6 +11,7 @@ the draw needs no host synchronization.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,17 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 class TokenChooser:
     """Picks the next token of each running sequence of a batch of `batch` sequences.
 
-    Sampling draws from a `torch.Generator` on `device` seeded with `params.seed`, the same
-    number of values at every step whatever the number of running sequences.
+    Sampling draws from a `torch.Generator` on `device` seeded with `params.seed`: draw k is
+    (batch, vocab) exponentials, one row per sequence, and a sequence's k-th token uses row b
+    of draw k, whichever step it comes in (with chunked prefill, sequences reach their k-th
+    token at different steps). Draws are made in order of k and kept until `release`.
     """
 
     def __init__(self, params: SamplingParams, batch: int, device: torch.device) -> None:
         self.params, self.batch = params, batch
         self.generator: torch.Generator | None = None
+        self._draws: dict[int, torch.Tensor] = {}
+        self._next_draw = 0
         if params.do_sample:
             self.generator = torch.Generator(device=device)
             if params.seed is None:
@@ -100,14 +105,43 @@ class TokenChooser:
             else:
                 self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """logits (running, vocab) of the sequences `rows` (None: all) -> tokens (running,)."""
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None,
+                 token_index: int | Sequence[int] | None = None) -> torch.Tensor:
+        """logits (running, vocab) of the sequences `rows` (None: all) -> tokens (running,).
+
+        token_index: which token of its sequence each row picks (one int: all the same);
+        None: the next draw, as when every sequence steps in lockstep.
+        """
         if self.generator is None:
             return logits.argmax(dim=-1)
         probs = sampling_probs(logits, self.params)                    # (running, vocab)
-        noise = torch.empty((self.batch, probs.shape[-1]), dtype=torch.float32,
-                            device=probs.device).exponential_(generator=self.generator)
-        if rows is not None:
-            noise = noise[rows]                                        # (running, vocab)
+        noise = self._noise(probs, rows, token_index)                  # (running, vocab)
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)                # 0 would make p / 0 = inf
         return (probs / noise).argmax(dim=-1)
+
+    def release(self, before: int) -> None:
+        """Forget the draws of token indices below `before` (no sequence needs them again)."""
+        for index in [k for k in self._draws if k < before]:
+            del self._draws[index]
+
+    def _noise(self, probs: torch.Tensor, rows: torch.Tensor | None,
+               token_index: int | Sequence[int] | None) -> torch.Tensor:
+        """(running, vocab) exponentials: row b of draw token_index[i] for each row i."""
+        if token_index is None:  # lockstep: the next draw, not kept
+            noise = self._noise(probs, rows, self._next_draw)
+            self.release(self._next_draw)
+            return noise
+        indices = [token_index] if isinstance(token_index, int) else list(token_index)
+        for index in range(self._next_draw, max(indices) + 1):
+            assert self.generator is not None
+            self._draws[index] = torch.empty((self.batch, probs.shape[-1]), dtype=torch.float32,
+                                             device=probs.device).exponential_(
+                                                 generator=self.generator)
+        self._next_draw = max(self._next_draw, max(indices) + 1)
+        all_rows = torch.arange(self.batch, device=probs.device) if rows is None else rows
+        if len(set(indices)) == 1:
+            draw = self._draws[indices[0]]
+            return draw.clone() if rows is None else draw[rows]
+        distinct = sorted(set(indices))
+        which = torch.tensor([distinct.index(k) for k in indices], device=probs.device)
+        return torch.stack([self._draws[k] for k in distinct])[which, all_rows]

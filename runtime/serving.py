@@ -10,6 +10,7 @@ models (`compiler.hf_serving`) share it, so both are captured and driven the sam
 """
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -17,10 +18,15 @@ import torch
 from torch import nn
 
 from runtime.forward_context import set_forward_context
-from runtime.generation import uniform_batch_metadata
+from runtime.step_metadata import uniform_batch_metadata
 from runtime.kv_cache import AttentionSpec, allocate_kv_caches
-from runtime.static_decode import StaticDecodeState
+from runtime.memory import kv_cache_bytes_per_token
+from runtime.static_decode import KVCachePlan, StaticDecodeState
 from runtime.step_context import CaptureSpec, decode_step_context
+
+# the longest sequence the runner's layout buffers hold when the config gives no positions: a
+# slot-table row per captured sequence, so an "auto" cache of millions of slots must not set it
+UNBOUNDED_LEN = 16384
 
 
 class ServingModel(nn.Module):
@@ -93,14 +99,15 @@ class ServingModel(nn.Module):
                                           encoder_len, encoder_len or 0)
         return set_forward_context(metadata, caches)
 
-    def capture_spec(self, max_tokens: int, kv_cache_tokens: int = 0) -> CaptureSpec:
+    def capture_spec(self, max_tokens: int, kv_cache_tokens: int | str = 0) -> CaptureSpec:
         """What the graph runner captures: decode steps (one new token per sequence).
 
         Token ids and positions carry the token dimension. Encoder-decoder models capture with
-        no encoder tokens (the encoder runs once, eagerly, at prefill). `kv_cache_tokens` > 0:
-        the runner keeps KV caches of that many slots (self- and cross-attention each) and
-        captures whole decode steps over them; sequences are at most min(kv_cache_tokens,
-        max_position_embeddings) long there.
+        no encoder tokens (the encoder runs once, eagerly, at prefill). `kv_cache_tokens` a
+        count > 0 or "auto" (sized by the runner, `runtime.static_decode.KVCachePlan`): the
+        runner keeps KV caches of that many slots (self- and cross-attention each) and
+        captures whole decode steps over them; sequences are at most
+        min(slots, max_position_embeddings) long there (16384 without the setting).
         """
         ids, positions = self.example_inputs(max_tokens)[:2]
         inputs: tuple[torch.Tensor, ...] = (ids, positions)
@@ -108,14 +115,20 @@ class ServingModel(nn.Module):
         if self.is_encoder_decoder:
             inputs, encoder_len = (ids, positions, *self.no_encoder_inputs(ids.device)), 1
         context = decode_step_context(self, max_tokens, self.device, encoder_len)
-        static = None
-        if kv_cache_tokens > 0:
-            max_len = min(kv_cache_tokens,
-                          getattr(self.config, "max_position_embeddings", None) or kv_cache_tokens)
-            encoder_slots = kv_cache_tokens if self.is_encoder_decoder else 0
-            static = StaticDecodeState(
-                self.attention_specs(), self.dtype, self.device, max_seqs=max_tokens,
-                num_slots=kv_cache_tokens, max_len=max_len, num_encoder_slots=encoder_slots,
-                max_encoder_len=max_len if encoder_slots else 0)
+        plan = None
+        if kv_cache_tokens != 0:
+            plan = KVCachePlan(kv_cache_tokens,
+                               kv_cache_bytes_per_token(self.attention_specs(), self.dtype),
+                               functools.partial(self._static_decode, max_tokens))
         return CaptureSpec(inputs, token_input_indices=(0, 1), step_context=context,
-                           static_decode=static)
+                           kv_cache=plan)
+
+    def _static_decode(self, max_seqs: int, slots: int) -> StaticDecodeState:
+        """The runner's caches of `slots` slots, with layout buffers for `max_seqs` sequences."""
+        positions = getattr(self.config, "max_position_embeddings", None) or UNBOUNDED_LEN
+        max_len = min(slots, positions)
+        encoder_slots = slots if self.is_encoder_decoder else 0
+        return StaticDecodeState(
+            self.attention_specs(), self.dtype, self.device, max_seqs=max_seqs,
+            num_slots=slots, max_len=max_len, num_encoder_slots=encoder_slots,
+            max_encoder_len=max_len if encoder_slots else 0)

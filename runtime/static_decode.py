@@ -9,17 +9,22 @@ get slot -1 and length 0, which the graph-safe attention kernels treat as paddin
 loops use the runner's caches through `acquire`/`release` (one user at a time); a step whose
 layout does not fit the buffers, or that runs on other caches, is simply not replayed as a whole
 (the runner falls back to its piecewise graphs).
+
+A runner builds its state from a `KVCachePlan` once its piecewise graphs are captured: the
+plan's slot count, or for "auto" one sized by a profiling forward (`runtime.memory`).
 """
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 
 from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from runtime.kv_cache import AttentionSpec, LayerKVCache, allocate_kv_caches
+from runtime.memory import AUTO, CPU_KV_CACHE_TOKENS, MemoryProfile, profiled_kv_cache_tokens
 
 
 class StaticDecodeState:
@@ -50,6 +55,12 @@ class StaticDecodeState:
         self._lock = threading.Lock()
         self._leased = False
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV caches (K and V of every cached layer)."""
+        return sum(t.numel() * t.element_size() for cache in self.kv_caches.values()
+                   for t in (cache.key, cache.value) if t is not None)
+
     # -- capture ----------------------------------------------------------------------------
     def capture_context(self, rows: int) -> AbstractContextManager[object]:
         """The forward context of a captured decode step of `rows` token rows: every row reads
@@ -77,7 +88,8 @@ class StaticDecodeState:
     def accepts(self, meta: AttentionMetadata, rows: int) -> bool:
         """Whether a step with `meta`, padded to `rows` rows, can replay a captured decode step."""
         if meta.static_decode or not meta.is_decode or meta.num_seqs > rows \
-                or meta.num_actual_encoder_tokens or meta.slot_tables.shape[1] > self.max_len:
+                or meta.num_actual_encoder_tokens or meta.slot_tables.shape[1] > self.max_len \
+                or meta.logits_indices is not None:
             return False
         if not self.encoder:
             return meta.encoder_slot_tables is None
@@ -127,6 +139,27 @@ class StaticDecodeState:
     def release(self) -> None:
         with self._lock:
             self._leased = False
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """How a runner gets its own KV caches: `tokens` slots, or "auto"; each slot costs
+    `bytes_per_token`; `build(slots)` makes the state (caches and layout buffers)."""
+
+    tokens: int | str
+    bytes_per_token: int
+    build: Callable[[int], StaticDecodeState]
+
+    def slots(self, profile: Callable[[], MemoryProfile] | None,
+              memory_utilization: float) -> int:
+        """The slot count: `tokens` as given; "auto" sized from `profile()` (a profiling run),
+        or the fixed CPU_KV_CACHE_TOKENS on a device that does not profile (`profile` None)."""
+        if self.tokens != AUTO:
+            assert isinstance(self.tokens, int), self.tokens
+            return self.tokens
+        if profile is None:
+            return CPU_KV_CACHE_TOKENS
+        return profiled_kv_cache_tokens(profile(), self.bytes_per_token, memory_utilization)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

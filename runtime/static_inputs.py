@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 
 class StaticInputs:
@@ -124,3 +125,18 @@ def token_count_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any],
                              if _symbol(v) is not None and _symbol(v) in token_dims)
     return frozenset(i for i, x in enumerate(example_inputs)
                      if type(x) is int and x == example_tokens)  # noqa: E721  (a bool is no count)
+
+
+def static_outputs(top: fx.GraphModule, token_inputs: Callable[[int], bool]) -> tuple[bool, ...]:
+    """Per output leaf: True when it is returned as is (an attribute or a non-token input)."""
+    (output,) = top.graph.find_nodes(op="output")
+    placeholders = list(top.graph.find_nodes(op="placeholder"))
+    kinds = []
+    for leaf in pytree.tree_leaves(output.args[0]):
+        if not isinstance(leaf, fx.Node):
+            kinds.append(True)
+        elif leaf.op == "placeholder":
+            kinds.append(not token_inputs(placeholders.index(leaf)))
+        else:
+            kinds.append(leaf.op == "get_attr")
+    return tuple(kinds)

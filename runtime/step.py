@@ -34,11 +34,15 @@ class StepDescriptor:
 
     `key` is a bucket size (the runner of fxkiln's own models) or an input-shape signature
     (Dynamo graphs); `reason` says why an eager step is eager (for logs and the report).
+    `eager_logits`: the piece holding `fxkiln::logits_rows` replays (or warms up, or captures)
+    only its part before the op and runs the op and the LM head after it eagerly: the step
+    reads some rows' logits, or its bucket is a prefill bucket (`runtime.buckets`).
     """
 
     mode: StepMode
     key: Hashable = None
     reason: str = ""
+    eager_logits: bool = False
 
     @property
     def replays(self) -> bool:

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from runtime.forward_context import set_forward_context
-from runtime.generation import find_generation_model, uniform_batch_metadata
 from runtime.kv_cache import allocate_kv_caches
-from runtime.static_decode import StaticDecodeState
+from runtime.session import find_generation_model
+from runtime.static_decode import KVCachePlan
+from runtime.step_metadata import uniform_batch_metadata
 
 CONTEXT_LEN = 2  # positions per capture sequence: the new token and one before it
 
@@ -27,6 +28,9 @@ def decode_step_context(model: Any, max_tokens: int, device: torch.device | str,
                         encoder_len: int | None = None,
                         ) -> Callable[[int], AbstractContextManager[Any]]:
     """`step_context` for `make_runner`: decode-step metadata for up to `max_tokens` tokens.
+
+    A larger step (a prefill bucket) gets `max_tokens` one-token sequences and padding rows
+    past them: the attention ops run eagerly outside the graphs, so any valid layout serves.
 
     `model`: a project model, or a wrapper holding one as `.model`. `encoder_len`: for
     encoder-decoder models, the encoder length the cross-attention layers read (any >= 1).
@@ -41,11 +45,8 @@ def decode_step_context(model: Any, max_tokens: int, device: torch.device | str,
                                 max_tokens * (encoder_len or 0), spec_model.dtype, device)
 
     def step_context(num_tokens: int) -> AbstractContextManager[Any]:
-        if num_tokens > max_tokens:
-            raise ValueError(f"decode_step_context: expected at most {max_tokens} tokens (the "
-                             f"caches' size), found {num_tokens}")
-        metadata = uniform_batch_metadata(num_tokens, 1, CONTEXT_LEN, CONTEXT_LEN, device,
-                                          encoder_len, 0)
+        metadata = uniform_batch_metadata(min(num_tokens, max_tokens), 1, CONTEXT_LEN,
+                                          CONTEXT_LEN, device, encoder_len, 0)
         return set_forward_context(metadata, caches)
 
     return step_context
@@ -59,5 +60,5 @@ class CaptureSpec:
     example_inputs: tuple[Any, ...]
     token_input_indices: tuple[int, ...]
     step_context: Callable[[int], AbstractContextManager[Any]] | None = None
-    # KV caches and layout buffers for capturing whole decode steps (attention included)
-    static_decode: StaticDecodeState | None = None
+    # the runner's own KV caches and layout buffers, for whole decode steps (attention included)
+    kv_cache: KVCachePlan | None = None

@@ -17,7 +17,7 @@ from tests.model_oracle import build_hf, hf_generate_eos, random_ids
 
 CAPTURE_SIZES = (1, 2, 4, 8)
 SIMULATED = CompileConfig(device="cpu", capture_sizes=CAPTURE_SIZES, simulate_capture=True,
-                          debug=True)
+                          debug=True, prefill_capture_sizes=())  # prefill: tests/test_prefill_graphs.py
 EAGER_WARNING = "more than the largest captured size"
 
 

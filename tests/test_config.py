@@ -37,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"splitting_ops": ("attention",)}, "expected 'namespace::op' names"),
     ({"capture_warmup_runs": True}, "capture_warmup_runs: expected an integer >= 0, found True"),
     ({"capture_sizes": 4}, "capture_sizes: expected a tuple of positive integers, found 4"),
-    ({"kv_cache_tokens": -1}, "kv_cache_tokens: expected an integer >= 0, found -1"),
+    ({"kv_cache_tokens": -1}, "kv_cache_tokens: expected 'auto' or an integer >= 0, found -1"),
+    ({"kv_cache_tokens": "max"}, "kv_cache_tokens: expected 'auto' or an integer >= 0, found 'max'"),
+    ({"gpu_memory_utilization": 0}, "gpu_memory_utilization: expected a fraction in (0, 1], found 0"),
+    ({"gpu_memory_utilization": True}, "gpu_memory_utilization: expected a fraction in (0, 1]"),
 ])
 def test_bad_config_names_the_valid_choices(kwargs: dict, fragment: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -86,6 +89,8 @@ NON_DEFAULT: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], str]]] = {
     "capture_sizes": (st.lists(st.integers(1, 64), max_size=4, unique=True)
                       .map(lambda v: tuple(sorted(v))).filter(lambda v: v != (1, 2, 4, 8, 16, 32)),
                       lambda v: ",".join(map(str, v))),
+    "prefill_capture_sizes": (st.lists(st.integers(1, 4096), max_size=4, unique=True)
+                              .map(lambda v: tuple(sorted(v))), lambda v: ",".join(map(str, v))),
     "device": (st.sampled_from(["cpu", "cuda", "cuda:1"]), str),
     "verify": (st.just(True), lambda v: "1"),
     "dump_dir": (st.text("abc/_", min_size=1, max_size=8), str),
@@ -96,7 +101,8 @@ NON_DEFAULT: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], str]]] = {
     "capture_failure": (st.just("eager"), str),
     "simulate_capture": (st.just(True), lambda v: "1"),
     "debug": (st.just(True), lambda v: "1"),
-    "kv_cache_tokens": (st.integers(0, 1 << 20).filter(lambda v: v != 16384), str),
+    "kv_cache_tokens": (st.integers(0, 1 << 20), str),
+    "gpu_memory_utilization": (st.floats(0.01, 1.0).filter(lambda v: v != 0.9), repr),
 }
 
 

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     reason="needs Triton (interpreted on CPU)")]  # slow: Triton attention is interpreted
 
 WHOLE = CompileConfig(device="cpu", capture_sizes=(1, 2, 4, 8), simulate_capture=True,
-                      debug=True, kernels={"attention": "triton"}, kv_cache_tokens=512)
+                      debug=True, kernels={"attention": "triton"}, kv_cache_tokens=512,
+                      prefill_capture_sizes=())  # replays counted below are decode steps
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,38 @@ def test_sequences_finishing_early_shrink_the_replayed_step(llama, replays: list
     assert len(replays) > before
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_ragged_prompts_replay_whole_decode_steps(llama, bart, replays: list,
+                                                  chunk: int | None) -> None:
+    """Prompts of different lengths (prefilled by the varlen kernel, in chunks or not): every
+    pure decode step replays one graph over the runner's caches, a prefill chunk within the
+    buckets replays the pieces (its LM head eager), and the tokens are eager's."""
+    model, compiled = llama
+    prompts = [random_ids((n,), model.config.vocab_size, seed=n) for n in (2, 7, 4)]
+    expected = generate(model, prompts, 5, ignore_eos=True)
+    before = len(replays)
+    tokens = generate(compiled, prompts, 5, ignore_eos=True, prefill_chunk_tokens=chunk)
+    assert torch.equal(tokens, expected)
+    whole = {id(graph) for graph in compiled._run.whole_steps.graphs.values()}
+    pieces = sum(piece.piece.captured for piece in compiled._run.piece_runners)
+    wholes = sum(id(graph) in whole for graph in replays[before:])
+    # chunks of 4, shortest prompt first: steps of (2+2), (1 | 2+2), (2 | 4), (2 | 1), each
+    # "a | b" being decode tokens | prompt chunks; the last one is decode-shaped (every sequence
+    # brings one token) and replays, then 4 decode steps finish the longest-waiting sequence;
+    # the first three replay the pieces (4, 5 and 6 tokens). Unchunked, the prefill of 13
+    # tokens is past the buckets (eager), and 4 decode steps replay.
+    assert wholes == (4 if chunk is None else 5)
+    assert len(replays) - before - wholes == (0 if chunk is None else 3 * pieces)
+    bart_model, bart_compiled = bart
+    sources = [random_ids((n,), bart_model.config.vocab_size, seed=n) for n in (3, 8)]
+    expected = generate(bart_model, None, 4, encoder_input_ids=sources, ignore_eos=True)
+    before = len(replays)
+    assert torch.equal(generate(bart_compiled, None, 4, encoder_input_ids=sources,
+                                ignore_eos=True), expected)
+    assert len(replays) - before == 3  # the decode steps; the prefill runs the encoder: eager
+
+
 @settings(max_examples=4)  # each session generates eagerly and replayed (Triton interpreted)
 @given(batches=st.lists(st.integers(1, 8), min_size=2, max_size=4), seed=st.integers(0, 99))
 def test_interleaved_sessions_of_any_size(llama, batches: list[int], seed: int) -> None:
@@ -99,7 +132,8 @@ def test_a_second_live_session_gets_its_own_caches(llama) -> None:
 def test_native_attention_keeps_decode_piecewise(caplog: pytest.LogCaptureFixture) -> None:
     model = from_hf(build_hf("llama", seed=23))
     config = CompileConfig(device="cpu", capture_sizes=(1, 2), simulate_capture=True,
-                           kernels={"attention": "native"}, kv_cache_tokens=64)
+                           kernels={"attention": "native"}, kv_cache_tokens=64,
+                           prefill_capture_sizes=())
     with caplog.at_level(logging.WARNING):
         compiled = compile_model(model, config=config)
     assert compiled.report.decode_graph_sizes == ()

@@ -2,6 +2,7 @@
 sampling, encoder-decoder prefill, and the checks on its arguments."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models import ProjectModel, from_hf
-from runtime import generate
+from runtime import generate, prompts
 from runtime.generation import DecodeSession
 from tests.generation_helpers import (
     RecordingModel,
@@ -97,17 +98,29 @@ def test_eos_and_pad_default_to_the_model_config_as_in_hf() -> None:
     assert torch.equal(ours, finish_at_eos(free, [2], 0))
 
 
-def test_eos_without_a_pad_id_is_an_error(llama: tuple) -> None:
+def test_eos_without_a_pad_id_pads_with_eos_as_hf_and_warns_once(
+        llama: tuple, caplog: pytest.LogCaptureFixture) -> None:
     hf, model = llama
     assert hf.config.pad_token_id is None and hf.config.eos_token_id is not None
-    prompt = random_ids((2, 3), hf.config.vocab_size, seed=4)
-    with pytest.raises(ValueError, match="from the model config.* needs a pad_token_id"):
-        generate(model, prompt, 3)
-    with pytest.raises(ValueError, match=r"eos_token_id 7 \(given\) needs a pad_token_id"):
-        generate(model, prompt, 3, eos_token_id=7)
+    prompt = random_ids((5, 4), hf.config.vocab_size, seed=21)
+    free = generate(model, prompt, STEPS, ignore_eos=True)
+    eos = staggered_eos(free)
+    assert None in finish_steps(free, eos) and len(set(finish_steps(free, eos))) >= 2
+    hf.generation_config.eos_token_id = model.config.eos_token_id = eos
+    prompts._warn_pad_is_eos.cache_clear()  # as in a fresh process
+    try:
+        with caplog.at_level(logging.WARNING, logger="runtime.prompts"):
+            ours = generate(model, prompt, STEPS)
+            again = generate(model, prompt, STEPS)
+        expected = hf_generate_eos(hf, prompt, STEPS)  # HF pads with the first EOS id too
+    finally:
+        hf.generation_config.eos_token_id = model.config.eos_token_id = 2
+    assert torch.equal(ours, expected) and torch.equal(again, ours)
+    assert torch.equal(ours, finish_at_eos(free, eos, eos[0]))
+    warned = [r for r in caplog.records if "padded with eos_token_id" in r.getMessage()]
+    assert len(warned) == 1  # two calls, one warning
     with pytest.raises(ValueError, match="eos_token_id: expected an int or a non-empty"):
         generate(model, prompt, 3, eos_token_id=[], pad_token_id=0)
-    assert generate(model, prompt, 3, ignore_eos=True).shape == (2, 3)
 
 
 @given(data=st.data(), batch=st.integers(1, 6), do_sample=st.booleans(),

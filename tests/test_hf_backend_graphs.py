@@ -18,7 +18,8 @@ from tests.model_oracle import randomize_, random_ids
 pytestmark = pytest.mark.slow
 
 SIZES = (1, 2, 4)
-SIMULATED = CompileConfig(device="cpu", simulate_capture=True, capture_sizes=SIZES, debug=True)
+SIMULATED = CompileConfig(device="cpu", simulate_capture=True, capture_sizes=SIZES, debug=True,
+                          prefill_capture_sizes=())
 NEW_TOKENS = 6
 DECODE_CALLS = NEW_TOKENS - 1          # forward calls after the prefill
 REPLAYED = DECODE_CALLS - 2            # the first is watched, the second captured

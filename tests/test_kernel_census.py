@@ -61,4 +61,4 @@ def test_census_of_a_compiled_decode_step_on_gpu() -> None:
     assert census is not None and census["census_steps"] == 3
     assert census["kernels_per_step"] >= 10 and census["kernel_ms_per_step"] > 0
     assert census["category_ms_per_step"].get("attention", 0) > 0
-    assert session.context_len == 10  # rewound by 3, then three steps
+    assert session.context_lens == [10, 10]  # rewound by 3, then three steps

@@ -146,7 +146,8 @@ def test_layers_at_tp_one_trace_to_plain_linear_and_dispatch_ops() -> None:
     assert targets(fx.symbolic_trace(Block())) == [
         torch.ops.fxkiln.fused_add_rms_norm.default, operator.getitem, operator.getitem,
         torch.ops.fxkiln.rms_norm.default, torch._C._nn.linear,
-        torch.ops.fxkiln.silu_and_mul.default, torch._C._nn.linear, operator.add, torch._C._nn.linear]
+        torch.ops.fxkiln.silu_and_mul.default, torch._C._nn.linear, operator.add,
+        torch.ops.fxkiln.logits_rows.default, torch._C._nn.linear]  # the head: rows read only
 
 
 def test_rms_norm_and_rotary_equal_hugging_face() -> None:

@@ -15,6 +15,7 @@ from compiler import CompileConfig, compile_model
 from models import from_hf
 from tests.model_oracle import build_hf
 from runtime import runner as runner_module
+from runtime.padding_check import padding_leak
 from runtime.runner import BucketRunner
 from runtime.step import StepMode
 
@@ -58,7 +59,7 @@ def compiled_rows(mix: str) -> tuple[object, BucketRunner]:
 def test_rows_that_sum_over_the_batch_replay_only_at_exact_sizes(caplog) -> None:
     """Without the check, 3 rows padded to bucket 4 gave `x.sum(0)` off by ~0.4."""
     model = Rows("sum").eval()
-    with caplog.at_level(logging.WARNING, logger="runtime.runner"):
+    with caplog.at_level(logging.WARNING, logger="runtime.padding_check"):
         compiled = compile_model(model, (torch.randn(4, HIDDEN),), config=SIMULATED)
     warnings = [r.getMessage() for r in caplog.records if "rows interact" in r.getMessage()]
     assert len(warnings) == 1
@@ -75,7 +76,7 @@ def test_rows_that_sum_over_the_batch_replay_only_at_exact_sizes(caplog) -> None
 
 
 def test_row_independent_models_pad_and_warn_nothing(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="runtime.runner"):
+    with caplog.at_level(logging.WARNING, logger="runtime.padding_check"):
         compiled, runner = compiled_rows("rowwise")
     assert not [r for r in caplog.records if "rows interact" in r.getMessage()]
     assert compiled.report.capture_note == ""
@@ -87,11 +88,11 @@ def test_fxkiln_models_declare_their_rows_independent_and_skip_the_check(monkeyp
         raise AssertionError("the padding check ran for a model that declares its rows "
                              "independent")
 
-    monkeypatch.setattr(runner_module, "padding_leak", refuse)
+    monkeypatch.setattr(runner_module, "exact_sizes_reason", refuse)
     model = from_hf(build_hf("llama", seed=3))
     assert model.rows_independent
-    compiled = compile_model(model, config=CompileConfig(device="cpu", capture_sizes=(1, 2),
-                                                         simulate_capture=True))
+    compiled = compile_model(model, config=CompileConfig(
+        device="cpu", capture_sizes=(1, 2), prefill_capture_sizes=(), simulate_capture=True))
     assert compiled.report.captured_sizes == (1, 2)
 
 
@@ -99,7 +100,7 @@ def test_the_check_leaves_the_static_buffers_as_it_found_them() -> None:
     _, runner = compiled_rows("sum")
     buffer = runner._inputs.buffers[0]
     before = buffer.clone()
-    runner_module.padding_leak(runner._inputs, lambda tokens, args: runner._run_eagerly(*args),
+    padding_leak(runner._inputs, lambda tokens, args: runner._run_eagerly(*args),
                                SIZES)
     assert torch.equal(buffer, before)
 

@@ -23,7 +23,7 @@ from tests.model_oracle import build_hf, step_logits
 
 TIMEOUT_S = 120
 SIMULATED_GRAPHS = CompileConfig(device="cpu", capture_sizes=(1, 2, 4), simulate_capture=True,
-                                 debug=True)
+                                 debug=True, prefill_capture_sizes=())
 
 
 @dataclass(frozen=True)

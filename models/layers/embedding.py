@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import runtime.logits_rows  # noqa: F401  (registers torch.ops.fxkiln.logits_rows)
 from models.layers.params import check_shape, make_param, set_weight_loader
 from models.parallel import TensorParallel, all_gather_last_dim, all_reduce, current_tp
 
@@ -56,7 +57,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the vocabulary; the weight may be tied to an embedding's.
 
-    forward returns the full logits `(tokens, num_embeddings)` on every rank.
+    forward returns the full logits `(rows, num_embeddings)` on every rank, for the rows the
+    step reads (`runtime.logits_rows`: a prefill step reads each sequence's last token only;
+    outside generation, every row).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False, *,
@@ -73,8 +76,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight, self.bias)  # (tokens, vocab / tp)
+        hidden_states = torch.ops.fxkiln.logits_rows.default(hidden_states)  # (rows, hidden)
+        logits = F.linear(hidden_states, self.weight, self.bias)  # (rows, vocab / tp)
         logits = all_gather_last_dim(logits, self.num_embeddings_per_partition, self.tp)
         if self.num_embeddings_per_partition * self.tp.size != self.num_embeddings:
-            logits = logits[:, :self.num_embeddings]                # (tokens, vocab)
+            logits = logits[:, :self.num_embeddings]                # (rows, vocab)
         return logits

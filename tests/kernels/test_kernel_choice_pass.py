@@ -11,6 +11,7 @@ from passes import DEFAULT_PIPELINE, PASSES
 from passes.kernel_choice import MATCHED_TARGETS, KernelChoicePass, chosen_kernels
 from runtime.kernels import native, triton_kernels
 from runtime.ops import DISPATCH_OPS
+from runtime.settings import kernel_settings
 from tests.fx_helpers import trace
 from tests.kernels.helpers import TOLERANCES, LlamaShaped, choose_kernels, count_targets
 
@@ -153,13 +154,20 @@ CHOICES = st.sampled_from(["auto", "native", "triton"])
 def test_compiled_equals_eager_and_pass_is_idempotent(
         tokens: int, kv_heads: int, group: int, head_size: int, hidden: int,
         dtype: torch.dtype, choices: tuple[str, str, str, str]) -> None:
+    """The pass moves each kernel choice from run time to compile time and changes no
+    arithmetic: the compiled graph equals eager run with the same kernel settings, bit for bit,
+    in float32 and bfloat16 alike. (Against eager's default kernels a bfloat16 comparison
+    measures how the implementations round, not the pass: one layer's roundings compound to
+    errors above any fixed elementwise tolerance on near-zero logits. How each kernel rounds is
+    tests/kernels/test_triton_kernels.py's business.)"""
     torch.manual_seed(tokens)
     model = LlamaShaped(hidden=hidden, layers=1, heads=kv_heads * group, kv_heads=kv_heads,
                         head_size=head_size, intermediate=hidden + 8).to(dtype)
     inputs = model.example_inputs(tokens)
     kernels = dict(zip(LLAMA_OPS, choices, strict=True))
     with torch.inference_mode():
-        expected = model(*inputs)
+        with kernel_settings(kernels):
+            expected = model(*inputs)
         gm = trace(model, inputs)
         choose_kernels(gm, kernels)
         code = gm.code
@@ -169,6 +177,4 @@ def test_compiled_equals_eager_and_pass_is_idempotent(
     assert count_targets(gm, set(MATCHED_TARGETS)) == 0
     for op, choice in kernels.items():
         assert chosen_kernels(gm)[op] == ("native" if choice == "auto" else choice)
-    rtol, atol = TOLERANCES[dtype]
-    # one layer of norms, attention and MLP: a few roundings of the storage dtype compound
-    torch.testing.assert_close(actual, expected, rtol=4 * rtol, atol=4 * atol)
+    assert torch.equal(actual, expected)
