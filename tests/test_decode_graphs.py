@@ -19,7 +19,8 @@ from tests.model_oracle import build_hf, random_ids
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     attention.attention_jit is None or not triton_kernels.supports(torch.device("cpu"),
                                                                    torch.float32),
-    reason="needs Triton (interpreted on CPU)")]  # slow: Triton attention is interpreted
+    reason="needs Triton (interpreted on CPU)"),  # slow: Triton attention is interpreted
+    pytest.mark.xdist_group("decode_graphs")]  # one xdist worker compiles the fixtures once
 
 WHOLE = CompileConfig(device="cpu", capture_sizes=(1, 2, 4, 8), simulate_capture=True,
                       debug=True, kernels={"attention": "triton"}, kv_cache_tokens=512)
@@ -33,8 +34,8 @@ def llama() -> tuple[torch.nn.Module, object]:
 
 @pytest.fixture(scope="module")
 def bart() -> tuple[torch.nn.Module, object]:
-    model = from_hf(build_hf("bart", seed=22))
-    return model, compile_model(model, config=WHOLE)
+    model = from_hf(build_hf("bart", seed=22))  # the one bucket batch 3 decodes in
+    return model, compile_model(model, config=WHOLE.replace(capture_sizes=(4,)))
 
 
 @pytest.mark.parametrize("batch", [3, 5, 9])
@@ -49,7 +50,7 @@ def test_llama_decode_steps_replay_one_graph_each(llama, replays: list, batch: i
     assert len(replays) - before == (5 if batch <= 8 else 0)
 
 
-@pytest.mark.parametrize("batch", [3, 9])
+@pytest.mark.parametrize("batch", [3])  # past the buckets: the Llama test's batch 9
 def test_bart_decode_steps_replay_one_graph_each(bart, replays: list, batch: int) -> None:
     model, compiled = bart
     source = random_ids((batch, 7), model.config.vocab_size, seed=batch)
