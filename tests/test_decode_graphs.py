@@ -19,8 +19,7 @@ from tests.model_oracle import build_hf, random_ids
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     attention.attention_jit is None or not triton_kernels.supports(torch.device("cpu"),
                                                                    torch.float32),
-    reason="needs Triton (interpreted on CPU)"),  # slow: Triton attention is interpreted
-    pytest.mark.xdist_group("decode_graphs")]  # one xdist worker compiles the fixtures once
+    reason="needs Triton (interpreted on CPU)")]  # slow: Triton attention is interpreted
 
 WHOLE = CompileConfig(device="cpu", capture_sizes=(1, 2, 4, 8), simulate_capture=True,
                       debug=True, kernels={"attention": "triton"}, kv_cache_tokens=512)

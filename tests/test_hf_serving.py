@@ -34,8 +34,8 @@ def fresh_dynamo() -> None:
 
 @pytest.fixture(scope="module")
 def plain() -> Callable[[str], tuple[transformers.PreTrainedModel, Any]]:
-    """`build(name)` and its PLAIN compile, made once per module (a capture costs seconds)
-    and shared by the tests that check different things of the same compiled model."""
+    """`build(name)` and its PLAIN compile, made once per module and worker (a capture costs
+    seconds), shared by the tests that check different things of the same compiled model."""
     made: dict[str, tuple[transformers.PreTrainedModel, Any]] = {}
 
     def get(name: str) -> tuple[transformers.PreTrainedModel, Any]:
@@ -75,9 +75,7 @@ FUSED = dict(llama=4, mistral=4, qwen2=4, qwen3=4, gemma=4, phi3=0, gpt2=0, opt=
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [  # qwen2's compile is the EOS test's too: one xdist worker
-    pytest.param(name, marks=pytest.mark.xdist_group("hf-qwen2")) if name == "qwen2" else name
-    for name in (*DECODER_ONLY, *ENCODER_DECODER)])
+@pytest.mark.parametrize("name", [*DECODER_ONLY, *ENCODER_DECODER])
 def test_greedy_tokens_equal_hugging_face(plain, name: str) -> None:
     hf, compiled = plain(name)
     prompt, source, expected = hf_tokens(hf)
@@ -94,7 +92,6 @@ def test_greedy_tokens_equal_hugging_face(plain, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("hf-qwen2")  # on the worker that compiled qwen2 for the greedy test
 def test_eos_compaction_and_seeded_sampling(plain) -> None:
     """EOS drops finished rows (HF's tokens, pad after EOS); sampling with a seed gives the
     same tokens compiled and through the uncompiled serving model."""
