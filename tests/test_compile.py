@@ -21,6 +21,7 @@ CPU = CompileConfig(device="cpu")
 
 
 @pytest.mark.slow
+@settings(max_examples=8)  # each example is a whole compile of a random model
 @given(case=models(), example_tokens=st.integers(1, 16), tokens=st.lists(st.integers(1, 40),
                                                                          min_size=1, max_size=3))
 def test_compiled_equals_eager_on_random_models(case: ModelCase, example_tokens: int,
