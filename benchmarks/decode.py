@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import decode_report as report  # noqa: E402
 from benchmarks.decode_report import VARIANTS  # noqa: E402
 from benchmarks.decode_variants import CONTEXT, TIMED_STEPS, WARMUP_STEPS  # noqa: E402
+from benchmarks.result_files import default_out, load_or_new  # noqa: E402
 
 ROW_PREFIX, BANDWIDTH_PREFIX = "DECODE_ROW ", "DECODE_BANDWIDTH "
 ERROR_LINES = 25
@@ -190,9 +191,9 @@ def versions() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> Path:
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out or _default_out(device_type == "cuda"))
+    out = Path(args.out or default_out("decode", device_type == "cuda"))
     command = [sys.executable, str(Path(__file__).resolve()), "--device", args.device]
-    result = _load_or_new(out, device_type)
+    result = load_or_new(out, "decode", device_type, copy_bandwidth_runs=[], reference={})
     measured = measure_bandwidth(args.device, command, args.timeout)
     result["device"] = measured["device_name"]
     result["copy_bandwidth_runs"].append(measured["bytes_per_s"])
@@ -214,21 +215,6 @@ def run(args: argparse.Namespace) -> Path:
             _write(out, result)  # after every variant: a later crash of the parent loses nothing
     print(f"wrote {out}")
     return out
-
-
-def _default_out(cuda: bool) -> Path:
-    return ROOT / "benchmarks" / "results" / f"decode-{'cuda' if cuda else 'cpu'}.json"
-
-
-def _load_or_new(out: Path, device_type: str) -> dict[str, Any]:
-    if out.exists():
-        result = json.loads(out.read_text())
-        if result.get("device_type") != device_type:
-            raise SystemExit(f"{out} holds {result.get('device_type')} results, not "
-                             f"{device_type}: pass another --out")
-        return result
-    return {"benchmark": "decode", "device_type": device_type, "rows": [],
-            "copy_bandwidth_runs": [], "reference": {}}
 
 
 def _write(out: Path, result: dict[str, Any]) -> None:
@@ -272,11 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.child:
         child_rows(args.device, *args.child, [int(b) for b in args.batches.split(",")])
     elif args.merge:
-        out = Path(args.out or _default_out(cuda))
+        out = Path(args.out or default_out("decode", cuda))
         out.write_text(report.dump(report.load_results(Path(f).read_text() for f in args.merge)))
         print(f"wrote {out}")
     elif args.table is not None:
-        files = args.table or [args.out or _default_out(cuda)]
+        files = args.table or [args.out or default_out("decode", cuda)]
         print(report.table(report.load_results(Path(f).read_text() for f in files)))
     else:
         run(args)

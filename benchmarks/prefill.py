@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import decode_report  # noqa: E402
 from benchmarks.decode import ROW_PREFIX, run_child_rows, versions  # noqa: E402
 from benchmarks.prefill_variants import VARIANTS, WORKLOADS  # noqa: E402
+from benchmarks.result_files import default_out, load_or_new  # noqa: E402
 
 REFERENCE = "hf-eager"
 PEERS = ("hf-eager", "hf-compile")
@@ -109,8 +110,8 @@ def _show(row: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     cuda = args.device.startswith("cuda")
-    out = Path(args.out or _default_out(cuda))
-    result = _load_or_new(out, "cuda" if cuda else "cpu")
+    out = Path(args.out or default_out("prefill", cuda))
+    result = load_or_new(out, "prefill", "cuda" if cuda else "cpu")
     done = {row_key(r) for r in result["rows"] if r.get("status") == "ok"}
     batches = [int(b) for b in args.batches.split(",")]
     deadline = time.monotonic() + (args.budget or float("inf"))
@@ -134,20 +135,6 @@ def run(args: argparse.Namespace) -> Path:
                 _write(out, result, args)
     print(f"wrote {out}")
     return out
-
-
-def _default_out(cuda: bool) -> Path:
-    return ROOT / "benchmarks" / "results" / f"prefill-{'cuda' if cuda else 'cpu'}.json"
-
-
-def _load_or_new(out: Path, device_type: str) -> dict[str, Any]:
-    if out.exists():
-        result = json.loads(out.read_text())
-        if result.get("device_type") != device_type:
-            raise SystemExit(f"{out} holds {result.get('device_type')} results, not "
-                             f"{device_type}: pass another --out")
-        return result
-    return {"benchmark": "prefill", "device_type": device_type, "rows": []}
 
 
 def _write(out: Path, result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -209,13 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_rows(args)
     elif args.merge:
-        out = Path(args.out or _default_out(cuda))
+        out = Path(args.out or default_out("prefill", cuda))
         results = [json.loads(Path(f).read_text()) for f in args.merge]
         merged = {row_key(r): r for result in results for r in result["rows"]}
         out.write_text(decode_report.dump(finalize({**results[-1], "rows": list(merged.values())})))
         print(f"wrote {out}")
     elif args.table is not None:
-        files = args.table or [args.out or _default_out(cuda)]
+        files = args.table or [args.out or default_out("prefill", cuda)]
         rows = {row_key(r): r for f in files for r in json.loads(Path(f).read_text())["rows"]}
         print(table(finalize({"rows": list(rows.values())})))
     else:
