@@ -131,11 +131,13 @@ def test_backend_by_name_in_a_fresh_process_without_importing_compiler() -> None
 
 
 # -- Hugging Face models from small configs (random weights, no download) -------------------
+# One layer each: these check the generic Dynamo frontend on HF code (each example is a whole
+# capture); serving several layers is tests/test_hf_serving.py's.
 
 def _tiny_bart() -> nn.Module:
     from transformers import BartConfig, BartForConditionalGeneration
 
-    config = BartConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2,
+    config = BartConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
                         encoder_attention_heads=4, decoder_attention_heads=4,
                         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def _tiny_bart() -> nn.Module:
 def _tiny_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()

@@ -21,9 +21,11 @@ from tests.hf_models import DECODER_ONLY, ENCODER_DECODER, build, prompt_for
 from tests.model_oracle import hf_generate_eos, hf_greedy, hf_logits, random_ids, step_logits
 
 PLAIN = CompileConfig(device="cpu", capture_sizes=())  # no runner: the rewritten graph itself
-# one bucket, the one batch 3 decodes in: each bucket's capture runs the Triton interpreter
+# one bucket, the one batch 3 decodes in: each bucket's capture runs the Triton interpreter;
+# prefill buckets that the 15-token prompts of batch 3 would replay, were they kept
 WHOLE = CompileConfig(device="cpu", capture_sizes=(4,), simulate_capture=True, debug=True,
-                      kernels={"attention": "triton"}, kv_cache_tokens=256)
+                      kernels={"attention": "triton"}, kv_cache_tokens=256,
+                      prefill_capture_sizes=(8, 16))
 NEW_TOKENS = 8
 
 
@@ -204,15 +206,20 @@ def test_serving_graph_step_logits_equal_the_hf_forward(kv_heads: int, groups: i
 
 @pytest.mark.slow
 @pytest.mark.skipif(attention.attention_jit is None, reason="needs Triton (interpreted on CPU)")
-@pytest.mark.parametrize("name", ["llama", "bart"])
-def test_decode_steps_replay_whole_step_graphs(name: str, replays: list) -> None:
+# BART with one layer per stack: its three attentions a layer each run Triton interpreted; Llama's
+# two layers show several layers' caches in one whole-step graph
+@pytest.mark.parametrize("name, layers", [("llama", 2), ("bart", 1)])
+def test_decode_steps_replay_whole_step_graphs(name: str, layers: int, replays: list) -> None:
     """The runner's bucketed pieces and whole-step decode graphs (simulated on CPU, graph-safe
     Triton attention) serve the HF graph as they serve fxkiln's own models: each decode step
-    of a batch within the buckets is one replay, and the tokens are HF's."""
-    hf = build(name)
+    of a batch within the buckets is one replay, and the tokens are HF's. HF serving graphs
+    compute every row's logits (prefill graphs would hold them all): prefill buckets are
+    dropped and the prefill runs eagerly."""
+    hf = build(name, layers=layers)
     prompt, source = prompt_for(hf, 3)
     compiled = compile_model(hf, config=WHOLE)
     assert compiled.report.decode_graph_sizes == (4,) and compiled.report.pieces > 1
+    assert compiled.report.captured_sizes == (4,) and compiled.report.prefill_graph_sizes == ()
     before = len(replays)
     tokens = generate(compiled, prompt, 5, source, ignore_eos=True)
     assert torch.equal(tokens, hf_greedy(hf, prompt, 5, source))
