@@ -108,8 +108,10 @@ def test_ragged_prompts_replay_whole_decode_steps(llama, bart, replays: list,
     assert len(replays) - before == 3  # the decode steps; the prefill runs the encoder: eager
 
 
-@settings(max_examples=4)  # each session generates eagerly and replayed (Triton interpreted)
-@given(batches=st.lists(st.integers(1, 8), min_size=2, max_size=4), seed=st.integers(0, 99))
+# each session generates eagerly and replayed (Triton interpreted, its cost growing with the
+# rows): up to 6 rows still pads into every bucket (1, 2, 4, 8) after a larger session
+@settings(max_examples=4)
+@given(batches=st.lists(st.integers(1, 6), min_size=2, max_size=3), seed=st.integers(0, 99))
 def test_interleaved_sessions_of_any_size(llama, batches: list[int], seed: int) -> None:
     """Sessions of random sizes, one after another, each through the same caches and buffers:
     stale layout rows from a larger earlier step never leak into a smaller one."""

@@ -220,10 +220,10 @@ def test_decode_steps_replay_whole_step_graphs(name: str, layers: int, replays: 
     compiled = compile_model(hf, config=WHOLE)
     assert compiled.report.decode_graph_sizes == (4,) and compiled.report.pieces > 1
     assert compiled.report.captured_sizes == (4,) and compiled.report.prefill_graph_sizes == ()
-    before = len(replays)
-    tokens = generate(compiled, prompt, 5, source, ignore_eos=True)
-    assert torch.equal(tokens, hf_greedy(hf, prompt, 5, source))
-    assert len(replays) - before == 4  # four decode steps after the prefill
+    before = len(replays)  # 3 tokens: a prefill, then two decode steps (Triton interpreted)
+    tokens = generate(compiled, prompt, 3, source, ignore_eos=True)
+    assert torch.equal(tokens, hf_greedy(hf, prompt, 3, source))
+    assert len(replays) - before == 2  # the two decode steps after the prefill
 
 
 @pytest.mark.gpu
