@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from runtime.kernels import attention_jit, decode_attention, linear_jit, triton_jit, triton_kernels
+from runtime.kernels import varlen_attention_jit
 from runtime.kernels import triton_linear
 from runtime.kv_cache import AttentionSpec
 
@@ -89,6 +90,7 @@ def configs() -> Iterator[Config]:
                        dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=plan.block_d,
                             BLOCK_S=triton_kernels._next_power_of_2(plan.splits)),
                        decode_attention.reduce_warps(plan))
+        yield from _varlen(model, heads, kv_heads, head_size)
         block, warps = triton_kernels._norm_constants(torch.empty(1, hidden))
         layer = model.startswith("bart")
         yield (f"add + norm {model}", triton_jit.norm_rows_kernel,
@@ -120,6 +122,24 @@ def configs() -> Iterator[Config]:
                         BLOCK_N=tuning.block_n, BLOCK_K=block_k, NUM_STAGES=tuning.num_stages,
                         DOT_PRECISION="tf32", UPCAST=False),
                    tuning.num_warps)
+
+
+def _varlen(model: str, heads: int, kv_heads: int, head_size: int) -> Iterator[Config]:
+    """The prefill attention as runtime/attention.py launches it: causal over the KV cache
+    (decoders), and over the step's own rows (BART's encoder)."""
+    from runtime.attention import VARLEN_BLOCK_M, VARLEN_BLOCK_N
+
+    types = {**{name: BF16 for name in ("out_ptr", "query_ptr", "key_ptr", "value_ptr")},
+             "tables_ptr": "*i64", "query_start_ptr": "*i32", "seq_lens_ptr": "*i32",
+             "scale": "fp32"}
+    kinds = [("prefill", True)] + ([("encoder", False)] if model.startswith("bart") else [])
+    for kind, paged in kinds:
+        yield (f"varlen {model} {kind}", varlen_attention_jit.varlen_attention_kernel,
+               types if paged else {**types, "tables_ptr": "*i32"}, dict(
+                   GROUP=heads // kv_heads, HEAD_SIZE=head_size, BLOCK_M=VARLEN_BLOCK_M,
+                   BLOCK_N=VARLEN_BLOCK_N,
+                   BLOCK_D=max(16, triton_kernels._next_power_of_2(head_size)),
+                   CAUSAL=paged, PAGED=paged, IEEE=False), 4)
 
 
 def main() -> None:
