@@ -2,6 +2,7 @@
 drives; float32 greedy tokens equal Hugging Face's generate for every covered architecture."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -10,9 +11,12 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+import compiler.hf_serving
 from compiler import CompileConfig, compile_model
-from compiler.hf_capture import UnsupportedModelError
+from compiler.capture import ShapePropagator
+from compiler.hf_capture import UnsupportedModelError, capture_hf
 from compiler.hf_serving import HFServingModel, serving_model
 from passes.attention_match import UnsupportedAttentionError
 from runtime import attention, generate
@@ -140,16 +144,12 @@ def test_a_concrete_token_count_after_propagation_is_refused(monkeypatch) -> Non
     """Shape propagation that fakes the token count as a number (torch 2.11 did, for fake
     inputs without a source) would let the mask proof probe one count against another: the
     serving passes refuse to run on such a graph."""
-    import compiler.hf_serving as hf_serving
-    from compiler.capture import ShapePropagator
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     def static_propagator(inputs):
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         return ShapePropagator(mode, tuple(mode.from_tensor(v, static_shapes=True)
                                            for v in inputs))
 
-    monkeypatch.setattr(hf_serving, "symbolic_propagator", static_propagator)
+    monkeypatch.setattr(compiler.hf_serving, "symbolic_propagator", static_propagator)
     with pytest.raises(RuntimeError, match="decoder token count concrete"):
         serving_model(build("llama"))
 
@@ -157,10 +157,6 @@ def test_a_concrete_token_count_after_propagation_is_refused(monkeypatch) -> Non
 def test_rotary_frequencies_times_positions_are_captured_as_the_product_they_are() -> None:
     """`inv_freq @ positions` contracts a dim of size 1: captured as a product (torch 2.11's
     shape propagation of that matmul fixed the token count); attention's matmuls stay."""
-    import operator
-
-    from compiler.hf_capture import capture_hf
-
     hf = build("llama")
     gm = capture_hf(hf)
     products = [n for n in gm.graph.nodes if n.target is operator.mul
