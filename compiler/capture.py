@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
@@ -140,13 +141,20 @@ def _versions(model: torch.nn.Module) -> dict[str, int]:
 
 @dataclass
 class ShapePropagator:
-    """Re-runs fake-tensor shape propagation; passes call it after they add nodes."""
+    """Re-runs fake-tensor shape propagation; passes call it after they add nodes.
+
+    Ops run as Dynamo runs them when it traces (`get_fake_value`): under the Python
+    dispatcher, so composite ops (matmul, linear) decompose through their Python
+    implementations, which keep sizes symbolic. Their C++ implementations read concrete sizes
+    in torch 2.11 (matmul's fold check asks `numel() == 0`), which guards a symbolic token
+    count to the example's and leaves every later pass one count.
+    """
 
     fake_mode: FakeTensorMode
     fake_inputs: tuple[Any, ...]
 
     def __call__(self, gm: fx.GraphModule) -> None:
-        with self.fake_mode:
+        with self.fake_mode, enable_python_dispatcher():
             _FakeProp(gm, self.fake_mode).propagate_dont_convert_inputs(*self.fake_inputs)
 
 

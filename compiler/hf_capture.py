@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import operator
 import logging
 import math
 import sys
@@ -213,28 +212,9 @@ def _plain_graph_module(exported: fx.GraphModule, roles: list[str], name: str
                                             f"alone, found {len(leaves)} outputs")
             graph.output(env[leaves[0]])
             continue
-        if _is_outer_product(node):  # see _is_outer_product
-            env[node] = graph.call_function(operator.mul, tuple(env[a] for a in node.args))
-        else:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node] = graph.node_copy(node, lambda n: env[n])
         env[node].meta = _own_meta(node)
     return fx.GraphModule(exported, graph, f"{name}Serving")
-
-
-def _is_outer_product(node: fx.Node) -> bool:
-    """A matmul of two tensors whose contracted dim has size 1 (rotary's `inv_freq @ positions`):
-    written as the product it is, the same floats (one term, nothing accumulated). Shape
-    propagation of the matmul in torch 2.11 guards its token dim to the example's count, which
-    would leave every later pass one count; the product broadcasts symbolically everywhere."""
-    if node.op != "call_function" or node.target not in (operator.matmul, torch.matmul) \
-            or len(node.args) != 2 or node.kwargs:
-        return False
-    values = [a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in node.args]
-    if not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values):
-        return False
-    left, right = values
-    ones = [size for size in (left.shape[-1], right.shape[-2]) if type(size) is int and size == 1]
-    return left.dim() == right.dim() and len(ones) == 2 and left.dtype == right.dtype
 
 
 def _own_meta(node: fx.Node) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 drives; float32 greedy tokens equal Hugging Face's generate for every covered architecture."""
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -15,12 +14,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import compiler.hf_serving
 from compiler import CompileConfig, compile_model
-from compiler.capture import ShapePropagator
+from compiler.capture import ShapePropagator, symbolic_propagator
 from compiler.hf_capture import UnsupportedModelError, capture_hf
-from compiler.hf_serving import HFServingModel, serving_model
+from compiler.hf_serving import PROPAGATION_TOKENS, HFServingModel, example_inputs, serving_model
 from passes.attention_match import UnsupportedAttentionError
+from passes.token_streams import DECODER, token_streams
 from runtime import attention, generate
 from runtime.kv_cache import AttentionKind
+from tests.fx_helpers import output_value
 from tests.hf_models import DECODER_ONLY, ENCODER_DECODER, build, prompt_for
 from tests.model_oracle import hf_generate_eos, hf_greedy, hf_logits, random_ids, step_logits
 
@@ -154,16 +155,28 @@ def test_a_concrete_token_count_after_propagation_is_refused(monkeypatch) -> Non
         serving_model(build("llama"))
 
 
-def test_rotary_frequencies_times_positions_are_captured_as_the_product_they_are() -> None:
-    """`inv_freq @ positions` contracts a dim of size 1: captured as a product (torch 2.11's
-    shape propagation of that matmul fixed the token count); attention's matmuls stay."""
-    hf = build("llama")
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "bart"])
+def test_every_token_stream_stays_a_symbol_through_propagation(name: str) -> None:
+    """The graph as Dynamo exported it (rotary's `inv_freq @ positions`, the projections and
+    attention's matmuls as captured): after shape propagation each stream's count is a symbol
+    that no guard fixed to the example's count, and the logits' rows are the decoder's count.
+    (torch 2.11's C++ matmul and linear fixed them, propagated without the Python dispatcher.)"""
+    hf = build(name, layers=1)
     gm = capture_hf(hf)
-    products = [n for n in gm.graph.nodes if n.target is operator.mul
-                and any("inv_freq" in str(a) for a in n.args)]
-    matmuls = [n for n in gm.graph.nodes if n.target in (operator.matmul, torch.matmul)]
-    assert len(products) == 1
-    assert len(matmuls) == 2 * hf.config.num_hidden_layers  # q @ k.T and p @ v, per layer
+    inputs = example_inputs(hf.config, None, PROPAGATION_TOKENS, torch.device("cpu"),
+                            torch.float32)
+    propagate = symbolic_propagator(inputs)
+    propagate(gm)
+    replacements = propagate.fake_mode.shape_env.replacements
+    streams = token_streams(gm)
+    assert len(streams) == (2 if hf.config.is_encoder_decoder else 1)
+    for stream in streams.values():
+        assert stream.symbols()
+        assert not any(replacements.get(symbol, symbol).is_number for symbol in stream.symbols())
+    rows = output_value(gm).shape[0]
+    assert isinstance(rows, torch.SymInt) and \
+        rows.node.expr.free_symbols <= streams[DECODER].symbols()
 
 
 def test_models_that_are_no_lm_are_refused_before_capture() -> None:
