@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -153,13 +153,19 @@ class StagedInputs:
     checked: tuple[tuple[int, int], ...]              # (index, data_ptr) checked every replay
     declared: tuple[tuple[int, int], ...]             # (index, data_ptr) checked in debug mode
     mirrors: tuple[Mirror, ...] = ()                  # host inputs read through device copies
+    # `checked` as indices and addresses apart: one comparison per replay
+    _checked_indices: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _checked_addresses: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_checked_indices", tuple(i for i, _ in self.checked))
+        object.__setattr__(self, "_checked_addresses", [a for _, a in self.checked])
 
     def moved(self, args: Sequence[Any]) -> int | None:
         """The index of an observed static input that is not where the graph reads it."""
-        for index, address in self.checked:
-            if args[index].data_ptr() != address:
-                return index
-        return None
+        if [args[i].data_ptr() for i in self._checked_indices] == self._checked_addresses:
+            return None
+        return next(i for i, address in self.checked if args[i].data_ptr() != address)
 
     def declared_moved(self, args: Sequence[Any]) -> tuple[int, int] | None:
         """(index, captured address) of a declared static input that moved (debug mode)."""
