@@ -179,15 +179,15 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": size, "atol": size}
 
 
-def through_dynamo(module: nn.Module, inputs: Sequence[Any],
-                   passes: tuple[str, ...]) -> tuple[Any, Any]:
+def through_dynamo(module: nn.Module, inputs: Sequence[Any], passes: tuple[str, ...],
+                   device: str = "cpu") -> tuple[Any, Any]:
     """`module` compiled with torch.compile and fxkiln's backend running `passes` (weights
     arrive as placeholders); returns the backend (its report) and the compiled output."""
     import compiler
     from compiler import CompileConfig
 
     torch._dynamo.reset()
-    backend = compiler.backend(CompileConfig(device="cpu", passes=passes, verify=True))
+    backend = compiler.backend(CompileConfig(device=device, passes=passes, verify=True))
     with torch.no_grad():
         out = torch.compile(module, backend=backend, fullgraph=True)(*inputs)
     return backend, out

@@ -1,6 +1,7 @@
 """sdpa_masks: golden graph, op counts, what it must leave alone, properties."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -126,5 +127,17 @@ def test_shared_mask_is_bitwise_equal_idempotent_and_adds_no_flops(
 def test_dynamo_graphs_share_the_mask() -> None:
     inputs = _inputs()
     backend, out = through_dynamo(Layers(3), inputs, ("sdpa_masks",))
+    assert backend.reports[-1].passes["sdpa_masks"].matches == 3
+    assert torch.equal(out, Layers(3)(*inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_attention_over_the_shared_mask_is_bitwise_the_same(dtype: torch.dtype) -> None:
+    """On CUDA SDPA may pick cuDNN, which converts a boolean mask with -65504 instead of -inf:
+    rows with an allowed key must come out the same either way (a causal decode mask)."""
+    torch.manual_seed(0)
+    inputs = tuple(t.cuda() for t in _inputs(2, 4, 1, 264, 64, dtype))
+    backend, out = through_dynamo(Layers(3), inputs, ("sdpa_masks",), device="cuda")
     assert backend.reports[-1].passes["sdpa_masks"].matches == 3
     assert torch.equal(out, Layers(3)(*inputs))
