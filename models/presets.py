@@ -55,11 +55,14 @@ def hf_config(name: str) -> Any:
 
 
 def hf_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-             seed: int = 0) -> Any:
-    """Hugging Face model of preset `name` with seeded random weights, in eval mode."""
+             seed: int = 0, **config_overrides: Any) -> Any:
+    """Hugging Face model of preset `name` with seeded random weights, in eval mode; config
+    fields in `config_overrides` (say `num_hidden_layers=16`) replace the preset's."""
     import transformers
 
     config = hf_config(name)
+    for field, value in config_overrides.items():
+        setattr(config, field, value)
     classes = {"bart": transformers.BartForConditionalGeneration,
                "llama": transformers.LlamaForCausalLM}
     torch.manual_seed(seed)

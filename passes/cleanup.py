@@ -1,4 +1,4 @@
-"""Cleanup: dead code, and views, reshapes and slices that change nothing."""
+"""Cleanup: dead code, views, reshapes and slices that change nothing, repeated factory calls."""
 from __future__ import annotations
 
 import logging
@@ -25,6 +25,10 @@ NO_OP_CANDIDATES = (
     ("call_function", "torch.reshape | torch.flatten | torch.narrow | operator.getitem(slices)"),
 )
 # What it writes: the node's users read its input instead; the node dies.
+# Also matched: calls that make a tensor from their arguments alone, repeated with the same
+# arguments (Hugging Face's StaticCache makes `torch.arange(1)` in every layer); the first
+# is read instead of the others when nothing writes any of them.
+SHAREABLE_FACTORIES = (torch.arange,)
 
 
 class CleanupPass(GraphPass):
@@ -34,6 +38,8 @@ class CleanupPass(GraphPass):
     shape a tensor already has). Removing them keeps the graph small and the FLOP and op counts
     honest. A node is a no-op only when shape propagation proves its output shape equals its
     input shape (symbolic shapes included); contiguous() only when the input is contiguous.
+    Repeated `torch.arange` calls with equal arguments whose results are only read (no writer,
+    no view that could be written) are made once: one kernel instead of one per layer.
 
     Before (the golden test's graph):
         linear = torch._C._nn.linear(x, proj_weight, proj_bias)
@@ -60,6 +66,7 @@ class CleanupPass(GraphPass):
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
             matches += 1
+        matches += _share_factories(gm)
         removed = _eliminate_dead_code(gm)
         matches += removed
         if matches:
@@ -106,6 +113,27 @@ def _is_full_slice(item: slice, size: Any) -> bool:
 
 def _known_at_least(stop: Any, size: Any) -> bool:
     return isinstance(stop, int) and isinstance(size, int) and stop >= size
+
+
+def _share_factories(gm: fx.GraphModule) -> int:
+    """Point the readers of a repeated factory call at its first call; how many were shared."""
+    first: dict[Any, fx.Node] = {}
+    shared = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in SHAREABLE_FACTORIES:
+            continue
+        if is_impure(node) or any(is_impure(u) or is_view_like(u) for u in node.users):
+            continue
+        key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
+        try:
+            earlier = first.setdefault(key, node)
+        except TypeError:  # an unhashable argument: not compared
+            continue
+        if earlier is not node:
+            node.replace_all_uses_with(earlier)
+            gm.graph.erase_node(node)
+            shared += 1
+    return shared
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> int:

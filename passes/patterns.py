@@ -87,7 +87,8 @@ def rewrite_matches(gm: fx.GraphModule, patterns: Iterable[Pattern], rewrite: Re
     Matches of a pattern are found once, after the rewrites of the patterns before it, so a
     binding may name a node that an earlier rewrite replaced; it is resolved to its
     replacement. New nodes take the meta of the outputs they replace (the same values), and
-    matched nodes and bound nodes (not inputs) that the rewrite left without readers are erased.
+    matched nodes, bound nodes (not inputs) and new outputs that are left without readers are
+    erased.
     """
     replaced: dict[fx.Node, fx.Node] = {}
     bound: list[fx.Node] = []  # erased at the end if left unread: later matches may bind them
@@ -110,6 +111,7 @@ def rewrite_matches(gm: fx.GraphModule, patterns: Iterable[Pattern], rewrite: Re
                 old.replace_all_uses_with(value)
                 replaced[old] = value
             _erase_unread(gm.graph, match.nodes)
+            _erase_unread(gm.graph, [v for v in new if not is_impure(v)])  # (a sum nobody read)
             bound += [v for v in match.bindings.values() if _erasable(v) and v not in bound]
             rewritten += 1
     _erase_unread(gm.graph, bound)

@@ -11,14 +11,19 @@ with nn modules inlined, every parameter and buffer. For a replay, each tensor i
   the graph writes in place, such as a Hugging Face StaticCache's keys, values and position
   counter. Read and written in place; its address is checked at every replay (a few per layer)
   and a graph whose static input moved is dropped and captured again.
+- **static, held**: a tensor the graph only reads that was the very same tensor object (not
+  merely the same address) at the watched call and at the capture, and stayed put, such as an
+  encoder-decoder cache's cross-attention keys and values. Read in place, its address checked
+  at every replay like an observed one. A fresh per-call tensor never qualifies, even when the
+  caching allocator hands it its predecessor's block (so it cannot make a graph churn).
 - **copied**: everything else (ids, positions, masks, encoder outputs). Copied into a buffer of
-  the graph before each replay; one that the graph writes in place is copied back after it. An
-  input that stays put but is only read is copied too: the caching allocator hands a fresh
-  tensor the block its predecessor freed, so "same address" alone does not make an input
-  static, and copying a per-call input is cheap beside recapturing.
+  the graph before each replay; one that the graph writes in place is copied back after it.
 - **mirrored**: a CPU tensor (not a host scalar) that a graph for a CUDA device reads. Its copy
   to the device inside the graph would sync, which a capture refuses, so the graph reads a
-  device copy, loaded before each replay and copied back after one that writes it.
+  device copy, copied back after a replay that writes it. The device copy is loaded before a
+  replay only when the input's value differs from what the copy holds (compared on the host
+  with a shadow copy, so writes that bump no version counter are seen too): a host-to-device
+  copy from pageable memory waits for the device, a host comparison of a counter does not.
 
 The signature of a call is what fixes its graph: the shapes of the tensor inputs other than
 the declared static ones (Dynamo's guards fix those), the values of the other inputs (sizes),
@@ -28,7 +33,8 @@ graph would freeze). A graph with static shapes has one signature, the empty tup
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +58,7 @@ class Observation:
     key: Hashable
     addresses: tuple[int, ...]     # data_ptr of each watched input (0: not a tensor)
     written: frozenset[int]        # indices of watched inputs the call wrote in place
+    held: tuple[weakref.ref[torch.Tensor], ...] = ()  # each watched input, not kept alive
 
 
 class InputPlan:
@@ -96,14 +103,44 @@ class InputPlan:
     def observation(self, key: Hashable, args: Sequence[Any], versions: list[int]) -> Observation:
         written = frozenset(i for i, version in zip(self.watched, versions)
                             if args[i]._version != version)
-        return Observation(key, tuple(args[i].data_ptr() for i in self.watched), written)
+        return Observation(key, tuple(args[i].data_ptr() for i in self.watched), written,
+                           tuple(weakref.ref(args[i]) for i in self.watched))
 
     def in_place(self, args: Sequence[Any], seen: Observation) -> frozenset[int]:
-        """Declared static inputs, and watched ones written in place that stayed put."""
-        stayed = {i for i, address in zip(self.watched, seen.addresses)
-                  if args[i].data_ptr() == address and i in seen.written
-                  and i not in self.mirrored}
+        """Declared static inputs, and watched ones that stayed put and were written in place
+        or are the very tensor the watched call read (not host scalars or mirrors)."""
+        held = seen.held or (None,) * len(self.watched)
+        stayed = {i for i, address, ref in zip(self.watched, seen.addresses, held)
+                  if args[i].data_ptr() == address and i not in self.mirrored
+                  and (i in seen.written or (ref is not None and ref() is args[i]
+                                             and i not in self.host_scalars))}
         return self.declared | frozenset(stayed)
+
+
+class Mirror:
+    """The device copy of one host input (see the module docstring): `buffer` is what the graph
+    reads; `shadow` is a host copy of the value the buffer holds."""
+
+    def __init__(self, index: int, value: torch.Tensor, device: torch.device | None,
+                 written: bool) -> None:
+        self.index, self.written = index, written
+        self.buffer = value.to(device, copy=True)
+        self.shadow = value.clone()
+
+    def load(self, value: torch.Tensor, force: bool = False) -> bool:
+        """Refresh the device copy if `value` differs from it (always when `force`: a warm-up
+        may have written the buffer); whether it copied."""
+        if not force and torch.equal(value, self.shadow):
+            return False
+        self.buffer.copy_(value)
+        self.shadow.copy_(value)
+        return True
+
+    def store(self, value: torch.Tensor) -> None:
+        """After a replay: what the graph wrote goes back to the host input (and the shadow)."""
+        if self.written:
+            value.copy_(self.buffer)
+            self.shadow.copy_(value)
 
 
 @dataclass(frozen=True)
@@ -115,13 +152,20 @@ class StagedInputs:
     copy_back: tuple[tuple[int, torch.Tensor], ...]   # (argument index, buffer) after replay
     checked: tuple[tuple[int, int], ...]              # (index, data_ptr) checked every replay
     declared: tuple[tuple[int, int], ...]             # (index, data_ptr) checked in debug mode
+    mirrors: tuple[Mirror, ...] = ()                  # host inputs read through device copies
+    # `checked` as indices and addresses apart: one comparison per replay
+    _checked_indices: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _checked_addresses: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_checked_indices", tuple(i for i, _ in self.checked))
+        object.__setattr__(self, "_checked_addresses", [a for _, a in self.checked])
 
     def moved(self, args: Sequence[Any]) -> int | None:
         """The index of an observed static input that is not where the graph reads it."""
-        for index, address in self.checked:
-            if args[index].data_ptr() != address:
-                return index
-        return None
+        if [args[i].data_ptr() for i in self._checked_indices] == self._checked_addresses:
+            return None
+        return next(i for i, address in self.checked if args[i].data_ptr() != address)
 
     def declared_moved(self, args: Sequence[Any]) -> tuple[int, int] | None:
         """(index, captured address) of a declared static input that moved (debug mode)."""
@@ -130,24 +174,30 @@ class StagedInputs:
                 return index, address
         return None
 
-    def load(self, args: Sequence[Any]) -> None:
+    def load(self, args: Sequence[Any], force: bool = False) -> None:
+        """Before a replay: the copied inputs into their buffers, mirrors whose value changed
+        (every mirror when `force`) to the device."""
         for index, buffer in self.copy_into:
             buffer.copy_(args[index])
+        for mirror in self.mirrors:
+            mirror.load(args[mirror.index], force)
 
     def store(self, args: Sequence[Any]) -> None:
         for index, buffer in self.copy_back:
             args[index].copy_(buffer)
+        for mirror in self.mirrors:
+            mirror.store(args[mirror.index])
 
 
 def stage(plan: InputPlan, args: Sequence[Any], in_place: frozenset[int],
           written: frozenset[int]) -> StagedInputs:
     """Buffers (copies of this call's values, outside any graph pool) for the copied inputs."""
     staged = list(args)
-    copy_into = []
+    copy_into, mirrors = [], []
     for index in plan.per_call:
         if index in plan.mirrored:
-            staged[index] = buffer = args[index].to(plan.device, copy=True)
-            copy_into.append((index, buffer))
+            mirrors.append(Mirror(index, args[index], plan.device, index in written))
+            staged[index] = mirrors[-1].buffer
         elif index not in in_place:
             staged[index] = buffer = args[index].clone()
             copy_into.append((index, buffer))
@@ -156,12 +206,14 @@ def stage(plan: InputPlan, args: Sequence[Any], in_place: frozenset[int],
         args=tuple(staged), copy_into=tuple(copy_into),
         copy_back=tuple((i, b) for i, b in copy_into if i in written),
         checked=tuple((i, args[i].data_ptr()) for i in sorted(observed)),
-        declared=tuple((i, args[i].data_ptr()) for i in sorted(plan.declared)))
+        declared=tuple((i, args[i].data_ptr()) for i in sorted(plan.declared)),
+        mirrors=tuple(mirrors))
 
 
 def describe(plan: InputPlan, args: Sequence[Any], staged: StagedInputs | None) -> str:
     """'size 1: copied (1, 1) (1, 1, 1, 13), 6 read in place' (no staging yet: every shape)."""
-    copied = [i for i, _ in staged.copy_into] if staged is not None else list(plan.per_call)
+    copied = ([i for i, _ in staged.copy_into] + [m.index for m in staged.mirrors]
+              if staged is not None else list(plan.per_call))
     shapes = " ".join(str(tuple(args[i].shape)) for i in copied) or "nothing"
     in_place = f", {len(staged.checked)} read in place" if staged and staged.checked else ""
     return f"size {plan.leading_size(args)}: copied {shapes}{in_place}"

@@ -234,7 +234,7 @@ class SignatureRunner:
             else:  # the pieces to capture refuse host synchronization themselves
                 self._run(StepDescriptor(StepMode.WARMUP, key), staged.args)
             snapshot.restore()
-            staged.load(args)  # the warm-up may have written the copied inputs' buffers
+            staged.load(args, force=True)  # the warm-up may have written the buffers, mirrors too
         if self.split is None:
             return self.graph_device.capture_graph(self._tracker, staged.args, key=key,
                                                    keep_outputs=True,

@@ -179,15 +179,35 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": size, "atol": size}
 
 
-def through_dynamo(module: nn.Module, inputs: Sequence[Any],
-                   passes: tuple[str, ...]) -> tuple[Any, Any]:
+def through_dynamo(module: nn.Module, inputs: Sequence[Any], passes: tuple[str, ...],
+                   device: str = "cpu") -> tuple[Any, Any]:
     """`module` compiled with torch.compile and fxkiln's backend running `passes` (weights
     arrive as placeholders); returns the backend (its report) and the compiled output."""
     import compiler
     from compiler import CompileConfig
 
     torch._dynamo.reset()
-    backend = compiler.backend(CompileConfig(device="cpu", passes=passes, verify=True))
+    backend = compiler.backend(CompileConfig(device=device, passes=passes, verify=True))
     with torch.no_grad():
         out = torch.compile(module, backend=backend, fullgraph=True)(*inputs)
     return backend, out
+
+
+class PostNormStack(nn.Module):
+    """Post-norm blocks as BART writes them: x = LayerNorm(x + proj(x)), `nn.LayerNorm` with a
+    bias or (`bias=False`) without."""
+
+    def __init__(self, hidden: int, layers: int, bias: bool = True) -> None:
+        super().__init__()
+        self.projs = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden, bias=bias) for _ in range(layers))
+        with torch.no_grad():
+            for norm in self.norms:
+                norm.weight.normal_(1.0, 0.1)
+                if norm.bias is not None:
+                    norm.bias.normal_(0.0, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, proj in zip(self.norms, self.projs):
+            x = norm(x + proj(x))
+        return x

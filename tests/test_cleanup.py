@@ -111,3 +111,42 @@ def test_cleanup_preserves_results_and_is_idempotent(case: ModelCase, tokens: in
         (x,) = case.inputs(count, seed=count)
         with torch.no_grad():
             torch.testing.assert_close(gm(x), case.module(x), rtol=1e-5, atol=1e-5)
+
+
+class Aranges(nn.Module):
+    """A StaticCache's per-layer `arange(1) + position`: equal aranges, only read."""
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        new = x.shape[1]  # (a literal under Dynamo; symbolic_trace would fold a literal arange)
+        total = x
+        for layer in range(3):
+            total = total + (torch.arange(new) + positions + layer)
+        return total + torch.arange(new + 1).sum()
+
+
+def test_equal_aranges_are_made_once() -> None:
+    inputs = (torch.randn(4, 1), torch.tensor([5]))
+    gm = trace(Aranges(), inputs)
+    assert op_counts(gm)["arange"] == 4
+    result = run_cleanup(gm)
+    assert op_counts(gm)["arange"] == 2 and result.matches == 2  # arange(1) x 3, arange(2)
+    assert torch.equal(gm(*inputs), Aranges()(*inputs))
+
+
+class WrittenAranges(nn.Module):
+    """An arange written in place, one read through a view: each stays its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[0]
+        counter = torch.arange(size)
+        counter.add_(1)
+        viewed = torch.arange(size).view(size, 1)
+        return x + counter + torch.arange(size) + viewed.sum()
+
+
+def test_must_not_share_an_arange_that_is_written_or_viewed() -> None:
+    inputs = (torch.randn(3),)
+    gm = trace(WrittenAranges(), inputs)
+    run_cleanup(gm)
+    assert op_counts(gm)["arange"] == 3
+    assert torch.equal(gm(*inputs), WrittenAranges()(*inputs))

@@ -6,7 +6,8 @@ import pytest
 from compiler import cli
 from passes import DEFAULT_PIPELINE, PASSES
 
-LIFTING = ("lift_rms_norm", "lift_add_rms_norm", "lift_act_and_mul", "lift_rotary")
+LIFTING = ("lift_rms_norm", "lift_add_rms_norm", "lift_layer_norm", "lift_add_layer_norm",
+           "lift_act_and_mul", "lift_rotary")
 
 
 def test_lifting_passes_run_after_qkv_fuse_and_before_kernel_choice() -> None:
@@ -16,6 +17,7 @@ def test_lifting_passes_run_after_qkv_fuse_and_before_kernel_choice() -> None:
     assert order["qkv_fuse"] < order["lift_act_and_mul"]
     # the residual add fuses into the norms lift_rms_norm writes
     assert order["lift_rms_norm"] < order["lift_add_rms_norm"]
+    assert order["lift_layer_norm"] < order["lift_add_layer_norm"]
     assert max(order[name] for name in LIFTING) < order["kernel_choice"]
 
 

@@ -136,7 +136,7 @@ def test_the_simulator_catches_a_runner_that_skips_staging_or_cloning(
     model, optimized, backend = toy
     backend.fresh()
     if mutant == "no staging":
-        monkeypatch.setattr(StagedInputs, "load", lambda self, args: None)
+        monkeypatch.setattr(StagedInputs, "load", lambda self, args, force=False: None)
     else:
         monkeypatch.setattr(signature_module, "_finish", lambda outputs, clone: outputs)
     caller = ToyCaller(model, optimized)
@@ -254,8 +254,98 @@ def test_host_tensors_of_a_device_graph_are_read_through_device_mirrors() -> Non
                          device=torch.device("meta"))
     plan = InputPlan(inputs, [counter, ids])
     seen = plan.observation((), [counter, ids], [counter._version - 1, ids._version])
-    assert 0 in seen.written and 0 not in plan.in_place([counter, ids], seen)
-    staged = stage(plan, [counter, ids], plan.in_place([counter, ids], seen), seen.written)
+    later = [counter, ids.clone()]  # the next call's ids: a new tensor, copied
+    assert 0 in seen.written and plan.in_place(later, seen) == frozenset()
+    staged = stage(plan, later, plan.in_place(later, seen), seen.written)
     assert staged.args[0].device.type == "meta" and staged.args[1].device.type == "cpu"
-    assert [i for i, _ in staged.copy_into] == [0, 1]
-    assert [i for i, _ in staged.copy_back] == [0]
+    assert [i for i, _ in staged.copy_into] == [1] and staged.copy_back == ()
+    (mirror,) = staged.mirrors
+    assert mirror.index == 0 and mirror.written and mirror.buffer is staged.args[0]
+
+
+def test_a_mirror_is_loaded_only_when_its_host_value_changed() -> None:
+    """Compared by value with a host shadow: a write that bumps no version counter (through
+    numpy) is seen as well; `force` (after a warm-up wrote the buffer) always copies."""
+    from runtime.signature_inputs import Mirror
+
+    counter = torch.zeros((), dtype=torch.long)
+    mirror = Mirror(0, counter, torch.device("cpu"), written=False)
+    assert not mirror.load(counter)
+    counter.add_(2)
+    assert mirror.load(counter) and mirror.buffer.item() == 2 and not mirror.load(counter)
+    counter.numpy()[...] = 7  # no version bump
+    assert mirror.load(counter) and mirror.buffer.item() == 7
+    mirror.buffer.fill_(0)
+    assert not mirror.load(counter) and mirror.load(counter, force=True)
+    assert mirror.buffer.item() == 7
+
+
+def _count(x: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    counter.add_(1)
+    return x * counter
+
+
+def test_a_mirror_the_graph_advances_is_stored_back_and_not_loaded_again(
+        replays: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.signature_inputs import Mirror
+
+    loads: list[bool] = []
+    load = Mirror.load
+    monkeypatch.setattr(Mirror, "load", lambda self, value, force=False: loads.append(
+        load(self, value, force)) or loads[-1])
+    counter = torch.zeros((), dtype=torch.long)
+    inputs = GraphInputs(frozenset(), static_shapes=True, mirrored=frozenset({1}),
+                         device=torch.device("cpu"))
+    runner = SignatureRunner(fx.symbolic_trace(_count), inputs, [torch.randn(3), counter],
+                             graph_device=SimulatedGraphDevice("cpu"), capture_sizes=SIZES)
+    with torch.no_grad():
+        for step in range(1, 7):
+            x = torch.randn(3)
+            torch.testing.assert_close(runner(x, counter), x * step)
+            assert counter.item() == step
+        counter.fill_(10)  # the caller resets it: the next replay loads it
+        x = torch.randn(3)
+        torch.testing.assert_close(runner(x, counter), x * 11)
+    assert len(replays) == 5
+    assert loads[-5:] == [False, False, False, False, True]  # the four replays, then the reset
+
+
+def _add_memory(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    return x + memory
+
+
+def test_a_tensor_the_caller_keeps_passing_is_read_in_place_and_a_lookalike_is_copied(
+        replays: list) -> None:
+    """The very tensor at the watched call and the capture (cross-attention keys) is read in
+    place: the caller's later in-place writes are seen, a new tensor in its place recaptures.
+    Two tensor objects at one address (a fresh tensor in its predecessor's block) are copied."""
+    runner = SignatureRunner(fx.symbolic_trace(_add_memory),
+                             GraphInputs(frozenset(), static_shapes=True),
+                             [torch.randn(3), torch.zeros(3)],
+                             graph_device=SimulatedGraphDevice("cpu"), capture_sizes=SIZES)
+    memory = torch.randn(3)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(3)
+            torch.testing.assert_close(runner(x, memory), x + memory)
+        (entry,) = runner.entries.values()
+        assert [i for i, _ in entry.staged.checked] == [1]
+        assert [i for i, _ in entry.staged.copy_into] == [0]
+        memory.mul_(3)
+        x = torch.randn(3)
+        torch.testing.assert_close(runner(x, memory), x + memory)
+        assert len(replays) == 2
+        other = torch.randn(3)
+        for _ in range(3):
+            x = torch.randn(3)
+            torch.testing.assert_close(runner(x, other), x + other)
+        base = torch.randn(3)
+        runner = SignatureRunner(fx.symbolic_trace(_add_memory),
+                                 GraphInputs(frozenset(), static_shapes=True),
+                                 [torch.randn(3), base], graph_device=SimulatedGraphDevice("cpu"),
+                                 capture_sizes=SIZES)
+        for _ in range(3):
+            x, lookalike = torch.randn(3), base.view(3)  # a new object at the same address
+            torch.testing.assert_close(runner(x, lookalike), x + base)
+        (entry,) = runner.entries.values()
+        assert entry.staged.checked == () and [i for i, _ in entry.staged.copy_into] == [0, 1]
