@@ -97,14 +97,15 @@ class EosFlags:
     def __init__(self, eos: torch.Tensor, batch: int) -> None:
         self.eos = eos
         cuda = eos.device.type == "cuda"
-        self._host = torch.zeros(batch, dtype=torch.bool, pin_memory=cuda)
+        self._buffer = torch.zeros(batch, dtype=torch.bool, pin_memory=cuda)
+        self._views: dict[int, torch.Tensor] = {}  # the buffer's first n rows, by n
         self._event = torch.cuda.Event() if cuda else None
         self._rows: list[int] = []
 
     def publish(self, rows: list[int], tokens: torch.Tensor) -> None:
         """tokens (len(rows),): the tokens the sequences `rows` emitted this step."""
-        emitted_eos = (tokens[:, None] == self.eos).any(-1)  # (rows,); isin may sort: a sync
-        self._host[:len(rows)].copy_(emitted_eos, non_blocking=True)
+        emitted_eos = torch.eq(tokens.unsqueeze(1), self.eos).any(1)  # isin may sort: a sync
+        self._host(len(rows)).copy_(emitted_eos, non_blocking=True)
         if self._event is not None:
             self._event.record()
         self._rows = rows
@@ -116,8 +117,14 @@ class EosFlags:
             return set()
         if self._event is not None:
             self._event.synchronize()
-        flags = self._host[:len(rows)].tolist()
+        flags = self._host(len(rows)).tolist()
         return {row for row, done in zip(rows, flags) if done}
+
+    def _host(self, rows: int) -> torch.Tensor:
+        view = self._views.get(rows)
+        if view is None:
+            view = self._views[rows] = self._buffer[:rows]
+        return view
 
 
 class _GenerationLoop:
