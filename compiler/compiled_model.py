@@ -34,5 +34,10 @@ class CompiledModel:
         steps replay as one graph each."""
         return getattr(self._run, "static_decode", None)
 
+    @property
+    def whole_step_graphs(self) -> Any:
+        """The runner's `WholeStepGraphs` (its decode fast path over `static_decode`), or None."""
+        return getattr(self._run, "whole_steps", None)
+
     def __repr__(self) -> str:
         return f"CompiledModel({type(self.model).__name__}, {self.report.frontend})"

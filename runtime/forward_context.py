@@ -12,7 +12,7 @@ sequence, get no cache slot, and the op writes zeros for them.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -98,7 +98,7 @@ class AttentionMetadata:
         """`seq_lens` as an int32 tensor on the slot tables' device (built once, then kept)."""
         if self.seq_lens_tensor is None:
             object.__setattr__(self, "seq_lens_tensor",
-                               _device_lengths(self.seq_lens, self.slot_tables.device))
+                               device_ints(self.seq_lens, self.slot_tables.device))
         assert self.seq_lens_tensor is not None
         return self.seq_lens_tensor
 
@@ -106,7 +106,7 @@ class AttentionMetadata:
         """`encoder_seq_lens` likewise; None for models without an encoder."""
         if self.encoder_seq_lens is not None and self.encoder_seq_lens_tensor is None:
             object.__setattr__(self, "encoder_seq_lens_tensor",
-                               _device_lengths(self.encoder_seq_lens, self.slot_tables.device))
+                               device_ints(self.encoder_seq_lens, self.slot_tables.device))
         return self.encoder_seq_lens_tensor
 
     def device_query_start_loc(self) -> torch.Tensor:
@@ -122,7 +122,7 @@ class AttentionMetadata:
     def _device(self, attribute: str, values: tuple[int, ...]) -> torch.Tensor:
         tensor = self.__dict__.get(attribute)
         if tensor is None:
-            tensor = _device_lengths(values, self.slot_tables.device)
+            tensor = device_ints(values, self.slot_tables.device)
             object.__setattr__(self, attribute, tensor)
         return tensor
 
@@ -189,9 +189,11 @@ def get_forward_context() -> ForwardContext:
     return context
 
 
-def _device_lengths(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """`lengths` as an int32 tensor on `device`, copied without blocking the host."""
-    host = torch.tensor(lengths, dtype=torch.int32, pin_memory=device.type == "cuda")
+def device_ints(values: Sequence[int], device: torch.device,
+                dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """`values` as a tensor on `device`, copied without blocking the host (from pinned memory
+    on CUDA: a plain host tensor would make the copy wait for the device's queued work)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
 
 

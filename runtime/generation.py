@@ -10,6 +10,13 @@ running sequence its newest token.
 Sequences that finish (emit an end-of-sequence token, or reach max_new_tokens) leave the
 running batch: later steps carry only the running sequences, whose KV slots stay where they
 are, so a compiled model replays a smaller bucket.
+
+Tokens stay on the device, and no step waits for the device to finish it: which rows emitted
+EOS is copied to host memory without blocking and read one step late, after the next step is
+queued (`EosFlags`), so the host prepares step k + 1 while the device runs step k. A sequence
+that emitted EOS at step k therefore runs step k + 1 too; that token is discarded (its KV write
+is harmless: the sequence never runs again). With no EOS (`ignore_eos`) nothing is read back
+at all until the end.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from runtime.forward_context import device_ints
 from runtime.prompts import PromptsInput, prepare_request, stop_tokens
 from runtime.sampling import SamplingParams, TokenChooser
 from runtime.scheduler import Chunk, PrefillPlanner
@@ -81,16 +89,56 @@ def generate(model: Callable[..., torch.Tensor], input_ids: PromptsInput | None,
     return loop.run()
 
 
+class EosFlags:
+    """Which rows of a step emitted an EOS id, read back one step late without a sync of its own:
+    `publish` queues the test and a non-blocking copy to host memory (pinned on CUDA) behind
+    the step; `take`, called once the next step is queued, waits for that copy only."""
+
+    def __init__(self, eos: torch.Tensor, batch: int) -> None:
+        self.eos = eos
+        cuda = eos.device.type == "cuda"
+        self._buffer = torch.zeros(batch, dtype=torch.bool, pin_memory=cuda)
+        self._views: dict[int, torch.Tensor] = {}  # the buffer's first n rows, by n
+        self._event = torch.cuda.Event() if cuda else None
+        self._rows: list[int] = []
+
+    def publish(self, rows: list[int], tokens: torch.Tensor) -> None:
+        """tokens (len(rows),): the tokens the sequences `rows` emitted this step."""
+        emitted_eos = torch.eq(tokens.unsqueeze(1), self.eos).any(1)  # isin may sort: a sync
+        self._host(len(rows)).copy_(emitted_eos, non_blocking=True)
+        if self._event is not None:
+            self._event.record()
+        self._rows = rows
+
+    def take(self) -> set[int]:
+        """The rows of the step published last that emitted EOS (none if nothing is pending)."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return set()
+        if self._event is not None:
+            self._event.synchronize()
+        flags = self._host(len(rows)).tolist()
+        return {row for row, done in zip(rows, flags) if done}
+
+    def _host(self, rows: int) -> torch.Tensor:
+        view = self._views.get(rows)
+        if view is None:
+            view = self._views[rows] = self._buffer[:rows]
+        return view
+
+
 class _GenerationLoop:
     """The steps of one `generate` call: prefill chunks (all prompts at once by default) and
-    decode steps; tokens chosen, EOS checked and finished sequences dropped after each."""
+    decode steps; tokens chosen and recorded after each, and sequences dropped once they are
+    known to be finished (EOS one step late: see the module docstring)."""
 
     def __init__(self, session: DecodeSession, prompts: Sequence[torch.Tensor],
                  encoder_inputs: Sequence[torch.Tensor] | None, planner: PrefillPlanner,
                  choose: TokenChooser, max_new_tokens: int, eos: torch.Tensor | None,
                  pad_id: int) -> None:
         self.session, self.prompts, self.encoder_inputs = session, prompts, encoder_inputs
-        self.planner, self.choose, self.eos = planner, choose, eos
+        self.planner, self.choose = planner, choose
+        self.eos = None if eos is None else EosFlags(eos, session.batch)
         self.max_new_tokens = max_new_tokens
         device = session.device
         self.generated = torch.full((session.batch, max_new_tokens), pad_id, dtype=torch.long,
@@ -110,7 +158,8 @@ class _GenerationLoop:
             else:
                 rows, logits = self.decoding_rows, self.session.decode(self.newest, self.decoding)
             emitted = self.decoding + [c.row for c in chunks if c.completes]
-            self._emit(emitted, rows, logits)
+            finished = self.eos.take() if self.eos is not None else set()  # the step before
+            self._emit(emitted, rows, logits, finished)
 
     def _mixed_step(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """A step with prompt chunks (after the decoding sequences' newest tokens); returns the
@@ -127,32 +176,39 @@ class _GenerationLoop:
                                    counts=[1] * len(self.decoding) + [c.count for c in chunks],
                                    read=read)
         if completing:
-            new_rows = torch.tensor(completing, dtype=torch.long, device=self.session.device)
+            new_rows = device_ints(completing, self.session.device, torch.long)
             return torch.cat([self.decoding_rows, new_rows]), logits
         return self.decoding_rows, logits
 
-    def _emit(self, emitted: list[int], rows: torch.Tensor, logits: torch.Tensor) -> None:
-        """Choose the tokens of the sequences `emitted` (device `rows`), record them, and keep
+    def _emit(self, emitted: list[int], rows: torch.Tensor, logits: torch.Tensor,
+              finished: set[int]) -> None:
+        """Choose the tokens of the sequences `emitted` (device `rows`), record those of the
+        ones not `finished` (at the step before: this step's token is discarded), and keep
         those that go on decoding."""
         if not emitted:
             return
         steps = [self.counts[r] for r in emitted]
         lockstep = len(set(steps)) == 1
         tokens = self.choose(logits, rows, steps[0] if lockstep else steps)  # (emitted,)
-        columns = steps[0] if lockstep else torch.tensor(steps, device=rows.device)
-        self.generated[rows, columns] = tokens
+        if finished:
+            kept = [i for i, row in enumerate(emitted) if row not in finished]
+            index = device_ints(kept, rows.device, torch.long)
+            emitted, rows, tokens = [emitted[i] for i in kept], rows[index], tokens[index]
+            steps = [steps[i] for i in kept]
+        if emitted:
+            columns = steps[0] if lockstep else device_ints(steps, rows.device, torch.long)
+            self.generated[rows, columns] = tokens
+            if self.eos is not None:
+                self.eos.publish(emitted, tokens)
         for row in emitted:
             self.counts[row] += 1
-        finished = [False] * len(emitted) if self.eos is None else \
-            torch.isin(tokens, self.eos).tolist()                  # syncs the host
-        keep = [i for i, (row, done) in enumerate(zip(emitted, finished))
-                if not done and self.counts[row] < self.max_new_tokens]
+        keep = [i for i, row in enumerate(emitted) if self.counts[row] < self.max_new_tokens]
         if len(keep) == len(emitted):
             self.decoding, self.decoding_rows, self.newest = emitted, rows, tokens
         else:
-            kept = torch.tensor(keep, dtype=torch.long, device=rows.device)
+            index = device_ints(keep, rows.device, torch.long)
             self.decoding = [emitted[i] for i in keep]
-            self.decoding_rows, self.newest = rows[kept], tokens[kept]
+            self.decoding_rows, self.newest = rows[index], tokens[index]
         pending = self.planner.pending
         self.choose.release(0 if pending or not self.decoding
                             else min(self.counts[r] for r in self.decoding))

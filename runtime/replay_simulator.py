@@ -9,6 +9,9 @@ fail CPU tests too:
 - a simulated graph keeps the argument tensors it was captured with, and each replay runs the
   piece on *those* tensors (never on what the caller passes), then copies the results into the
   output tensors of the capture run, which every replay returns;
+- a replay runs in the forward context the graph was captured in (when there was one), not
+  the caller's: a captured attention op reads the layout buffers it was captured with, so a
+  step that forgets to load them into those buffers reads stale ones, as on the GPU;
 - capture runs the piece under a guard that rejects host synchronization (`.item()`,
   `nonzero`, ...), which a CUDA graph cannot record;
 - memory that a CUDA graph pool may hand to other keys (buckets, signatures) is clobbered before
@@ -23,12 +26,14 @@ Not simulated: Python-level decisions inside a captured piece are made again at 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from runtime.forward_context import ForwardContext, peek_forward_context, set_forward_context
 from runtime.graph_device import CapturedGraph, GraphDevice
 
 aten = torch.ops.aten
@@ -79,18 +84,23 @@ class SimulatedGraph:
     """One piece captured for one bucket: replays on its capture arguments, into its outputs."""
 
     def __init__(self, replay_fn: Callable[..., Any], args: Sequence[Any],
-                 outputs: Any) -> None:
+                 outputs: Any, context: ForwardContext | None = None) -> None:
         self._replay_fn = replay_fn
         self._args = tuple(args)
         self.outputs = outputs
+        self._context = context
 
     def replay(self) -> None:
-        fresh = pytree.tree_leaves(self._replay_fn(*self._args))
-        kept = pytree.tree_leaves(self.outputs)
-        assert len(fresh) == len(kept), "a piece's outputs changed structure between runs"
-        for old, new in zip(kept, fresh):
-            if isinstance(old, torch.Tensor) and old is not new:
-                _overwrite(old, new)
+        context = self._context
+        # a device graph records no autograd, and reads the buffers it was captured with
+        with torch.no_grad(), (nullcontext() if context is None else
+                               set_forward_context(context.attn_metadata, context.kv_caches)):
+            fresh = pytree.tree_leaves(self._replay_fn(*self._args))
+            kept = pytree.tree_leaves(self.outputs)
+            assert len(fresh) == len(kept), "a piece's outputs changed structure between runs"
+            for old, new in zip(kept, fresh):
+                if isinstance(old, torch.Tensor) and old is not new:
+                    _overwrite(old, new)
 
 
 def _overwrite(old: torch.Tensor, new: torch.Tensor) -> None:
@@ -125,7 +135,7 @@ class SimulatedGraphDevice(GraphDevice):
                 (key, leaf) for leaf in pytree.tree_leaves(outputs)
                 if isinstance(leaf, torch.Tensor)
                 and leaf.untyped_storage().data_ptr() not in inputs)
-        return SimulatedGraph(run, args, outputs), outputs
+        return SimulatedGraph(run, args, outputs, peek_forward_context()), outputs
 
     def fill_padding(self, padding: torch.Tensor) -> None:
         if padding.is_floating_point() or padding.is_complex():

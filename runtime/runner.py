@@ -181,7 +181,10 @@ class BucketRunner:
         profile = ((lambda: self._profile_largest_step(graph_bytes))
                    if self.graph_device.profiles_memory else None)
         self.static_decode = plan.build(plan.slots(profile, self.memory_utilization))
-        self.whole_steps = WholeStepGraphs(self.static_decode, self.graph_device, self.options)
+        self.whole_steps = WholeStepGraphs(
+            self.static_decode, self.graph_device, self.options,
+            input_ids_index=plan.input_ids_index, positions_index=plan.positions_index,
+            padded=not self.exact_sizes_only)
         logger.info("runner KV cache: %d tokens, %.3f GiB", self.static_decode.num_slots,
                     self.static_decode.cache_bytes / 2**30)
         with self.graph_device.capturing() as profiler:
@@ -272,11 +275,12 @@ class BucketRunner:
             return self._run(step, inputs)
         bucket = step.key
         with torch.no_grad():
+            if step.mode is StepMode.FULL:  # the whole step reads the state's own buffers
+                assert self.whole_steps is not None
+                self.graph_device.before_replay(bucket)
+                return self._finish(self.whole_steps.replay(bucket, inputs), num_tokens, bucket)
             args = self._inputs.stage(inputs, num_tokens, bucket, self.graph_device.fill_padding)
             self.graph_device.before_replay(bucket)
-            if step.mode is StepMode.FULL:
-                assert self.whole_steps is not None
-                return self._finish(self.whole_steps.replay(bucket), num_tokens, bucket)
             return self._finish(self._run(step, args), num_tokens, bucket)
 
     def _finish(self, outputs: Any, num_tokens: int, bucket: int) -> Any:

@@ -16,17 +16,16 @@ decoded token), which is what batched, chunked and mixed prefill need.
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from runtime.forward_context import AttentionMetadata, set_forward_context
-from runtime.kv_cache import AttentionSpec, LayerKVCache, allocate_kv_caches
+from runtime.kv_cache import AttentionSpec
+from runtime.replayed_decode import session_caches
 from runtime.scheduler import PrefillPlanner
 from runtime.slot_layout import SlotLayout, encoder_step_tensors, step_tensors
-from runtime.step_metadata import step_metadata
 
 
 @runtime_checkable
@@ -92,15 +91,12 @@ class DecodeSession:
         self.max_len = self.layout.max_len
         self.context_lens = [0] * batch     # tokens each sequence has in the cache
         encoder = self.encoder_layout
-        self.kv_caches = _session_caches(
-            self, model, spec_model, self.layout.num_slots, self.max_len,
-            0 if encoder is None else encoder.num_slots, 0 if encoder is None else encoder.max_len,
-            self.device)
+        self.kv_caches, self._replayed = session_caches(
+            self, model, spec_model.attention_specs(), spec_model.dtype, self.device,
+            self.layout, encoder)
         self.slot_tables = self.layout.tables                              # (batch, max_len)
         self.encoder_slot_tables = None if encoder is None else encoder.tables
         self._all_rows = list(range(batch))
-        self._rows_tensor: tuple[tuple[int, ...], torch.Tensor] = (
-            (), torch.empty(0, dtype=torch.long, device=self.device))
 
     def prefill(self, input_ids: torch.Tensor, encoder_input_ids: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -179,41 +175,40 @@ class DecodeSession:
 
         tokens: (running,), the newest token of each sequence in `rows`.
         rows: indices (into the batch) of the sequences this step runs, as ints or an int64
-            tensor on the session's device; None runs all of them. Sequences left out do not
-            advance.
+            tensor on the session's device (read on the host: a sync); None runs all of them.
+            Sequences left out do not advance.
+        On the compiled model's own caches, a step that a whole-step graph serves is that
+        graph's replay (`runtime.replayed_decode`); any other step runs the model's forward.
         """
         host_rows = (self._all_rows if rows is None else
                      rows.tolist() if isinstance(rows, torch.Tensor) else list(rows))
-        if host_rows == self._all_rows:
-            rows = None
         if tokens.shape != (len(host_rows),):
             raise ValueError(f"decode: expected tokens of shape ({len(host_rows)},) for the "
                              f"running sequences, found {tuple(tokens.shape)}")
-        contexts = {self.context_lens[r] for r in host_rows}
-        if 0 in contexts:
-            raise RuntimeError(f"decode: expected prefilled sequences, found sequence "
-                               f"{host_rows[[self.context_lens[r] for r in host_rows].index(0)]} "
-                               f"with an empty context")
-        if len(contexts) > 1 or not self.layout.uniform or not (
-                self.encoder_layout is None or self.encoder_layout.uniform):
-            return self.step(host_rows, tokens)
-        context = contexts.pop()  # every running sequence at one position: the plain layout
-        if context >= self.max_len:
-            raise RuntimeError(f"decode: expected room left, found context {context} of "
-                               f"{self.max_len}")
-        device_rows = None if rows is None else (
-            rows if isinstance(rows, torch.Tensor) else self._device_rows(host_rows))
-        for row in host_rows:
-            self.context_lens[row] += 1
-        tables, encoder_tables = self.slot_tables, self.encoder_slot_tables
-        if device_rows is not None:
-            tables = tables[device_rows]                                   # (running, max_len)
-            encoder_tables = None if encoder_tables is None else encoder_tables[device_rows]
-        positions = torch.full((len(host_rows),), context, dtype=torch.long, device=self.device)
-        encoder_inputs = (self.spec_model.no_encoder_inputs(self.device)
-                          if encoder_tables is not None else ())
-        metadata = step_metadata(tables, 1, context + 1, encoder_tables, 0)
-        return self._step(metadata, tokens, positions, encoder_inputs)
+        if rows is not None:
+            self._check_rows("decode", host_rows)
+        contexts = self.context_lens
+        positions = [contexts[r] for r in host_rows]  # the new tokens' positions
+        self._check_decode(host_rows, positions)
+        if self._replayed is not None:
+            logits = self._replayed(tokens, host_rows, positions)
+            if logits is not None:
+                for row in host_rows:
+                    contexts[row] += 1
+                return logits
+        return self.step(host_rows, tokens)
+
+    def _check_decode(self, rows: list[int], positions: list[int]) -> None:
+        """Each running sequence prefilled, with room for one more token."""
+        lengths = self.layout.lengths
+        if 0 in positions or [r for r, p in zip(rows, positions) if p >= lengths[r]]:
+            for row, position in zip(rows, positions):
+                if position == 0:
+                    raise RuntimeError(f"decode: expected prefilled sequences, found sequence "
+                                       f"{row} with an empty context")
+                if position >= lengths[row]:
+                    raise RuntimeError(f"decode: expected room left, found sequence {row} at "
+                                       f"context {position} of {lengths[row]}")
 
     def _encoder_step(self, rows: list[int], device_rows: torch.Tensor | None,
                       encoder_inputs: Mapping[int, torch.Tensor],
@@ -237,10 +232,14 @@ class DecodeSession:
                    for r in starting]
         return tuple(torch.cat(parts) for parts in zip(*per_row))
 
+    def _check_rows(self, caller: str, rows: list[int]) -> None:
+        if len(set(rows)) != len(rows) or (rows and not 0 <= min(rows) <= max(rows) < self.batch):
+            raise ValueError(f"{caller}: expected distinct rows in [0, {self.batch}), found "
+                             f"{rows}")
+
     def _check_step(self, rows: list[int], counts: list[int],
                     encoder_input_ids: Mapping[int, torch.Tensor]) -> None:
-        if len(set(rows)) != len(rows) or any(not 0 <= r < self.batch for r in rows):
-            raise ValueError(f"step: expected distinct rows in [0, {self.batch}), found {rows}")
+        self._check_rows("step", rows)
         for row, count in zip(rows, counts):
             room = self.layout.lengths[row] - self.context_lens[row]
             if not 1 <= count <= room:
@@ -259,13 +258,6 @@ class DecodeSession:
             if found is not None and found != self.encoder_lens[row]:
                 raise ValueError(f"step: sequence {row}: expected {self.encoder_lens[row]} "
                                  f"encoder tokens (the session's encoder_len), found {found}")
-
-    def _device_rows(self, rows: list[int]) -> torch.Tensor:
-        """`rows` as an int64 tensor on the device (the last one is kept: rows change rarely)."""
-        key = tuple(rows)
-        if self._rows_tensor[0] != key:
-            self._rows_tensor = (key, torch.tensor(rows, dtype=torch.long, device=self.device))
-        return self._rows_tensor[1]
 
     def _step(self, metadata: AttentionMetadata, tokens: torch.Tensor, positions: torch.Tensor,
               encoder_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -294,19 +286,3 @@ def _flatten_tokens(tokens: torch.Tensor | Sequence[torch.Tensor], counts: Seque
         raise ValueError(f"step: expected one 1-D tensor of tokens per row ({rows}), found "
                          f"{[tuple(t.shape) for t in tokens]}")
     return torch.cat(list(tokens)), [t.shape[0] for t in tokens]
-
-
-def _session_caches(session: object, model: Any, spec_model: GenerationModel, num_slots: int,
-                    max_len: int, num_encoder_slots: int, max_encoder_len: int,
-                    device: torch.device) -> dict[str, LayerKVCache]:
-    """The compiled model's own KV caches (`model.static_decode`, leased to `session` until it
-    is garbage) when they are free and large enough, so decode steps replay as whole graphs;
-    else fresh caches."""
-    state = getattr(model, "static_decode", None)
-    if state is not None and state.fits(num_slots, max_len, num_encoder_slots, max_encoder_len,
-                                        spec_model.dtype, device) and state.acquire():
-        weakref.finalize(session, state.release)
-        return state.kv_caches
-    return allocate_kv_caches(spec_model.attention_specs(), num_slots, num_encoder_slots,
-                              spec_model.dtype, device)
-

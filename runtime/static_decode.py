@@ -1,14 +1,19 @@
 """Static decode state: the KV caches and metadata buffers a captured decode step reads.
 
 A decode step captured as one device graph (attention included) bakes in the addresses of every
-tensor its kernels touch: the KV caches, and the buffers that say which slot each token writes,
-which slots each sequence reads and how long each context is. This module owns those tensors
-for a runner. Before each replay, `load` copies the step's layout (from the
-`AttentionMetadata` the generation loop built) into the buffers: rows past the step's sequences
-get slot -1 and length 0, which the graph-safe attention kernels treat as padding. Generation
-loops use the runner's caches through `acquire`/`release` (one user at a time); a step whose
-layout does not fit the buffers, or that runs on other caches, is simply not replayed as a whole
-(the runner falls back to its piecewise graphs).
+tensor its kernels touch: the KV caches, the token ids and positions it reads, and the buffers
+that say which slot each token writes, which slots each sequence reads and how long each context
+is. This module owns those tensors for a runner. Before each replay the step's layout goes into
+the buffers: rows past the step's sequences get slot -1 and length 0, which the graph-safe
+attention kernels treat as padding. Slots, positions and lengths live in one packed buffer
+(`runtime.packed_layout`), written by one copy per step; the slot tables change only when the
+set of running sequences does, so they are copied only then (`RunningTables`).
+
+Two ways in: `stage` (the decode fast path: a session hands host integers and its
+`RunningTables`) and `load` (any decode step's `AttentionMetadata`, with its tensors).
+Generation loops use the runner's caches through `acquire`/`release` (one user at a time); a
+step whose layout does not fit the buffers, or that runs on other caches, is simply not
+replayed as a whole (the runner falls back to its piecewise graphs).
 
 A runner builds its state from a `KVCachePlan` once its piecewise graphs are captured: the
 plan's slot count, or for "auto" one sized by a profiling forward (`runtime.memory`).
@@ -25,6 +30,19 @@ import torch
 from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from runtime.kv_cache import AttentionSpec, LayerKVCache, allocate_kv_caches
 from runtime.memory import AUTO, CPU_KV_CACHE_TOKENS, MemoryProfile, profiled_kv_cache_tokens
+from runtime.packed_layout import PackedLayout
+
+
+@dataclass(frozen=True, eq=False)
+class RunningTables:
+    """The slot tables of the sequences a decode step runs, in step order, and their encoder
+    lengths: a session makes one per set of running rows. The state copies them into its
+    buffers only when handed another object than the one it loaded last (compared by
+    identity: it holds that one, so its identity cannot be reused)."""
+
+    slot_tables: torch.Tensor                  # (running, max_len)
+    encoder_slot_tables: torch.Tensor | None   # (running, max_encoder_len)
+    encoder_lens: list[int] | None             # (running,)
 
 
 class StaticDecodeState:
@@ -44,14 +62,17 @@ class StaticDecodeState:
         self.kv_caches: dict[str, LayerKVCache] = allocate_kv_caches(
             specs, num_slots, num_encoder_slots, dtype, self.device)
         on = dict(device=self.device)
-        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, **on)
-        self.slot_mapping = torch.full((max_seqs,), -1, dtype=torch.long, **on)
+        self.layout = PackedLayout(max_seqs, self.device)
+        packed = self.layout.device
+        self.slot_mapping, self.positions = packed.slot_mapping, packed.positions
+        self.seq_lens, self.encoder_seq_lens = packed.seq_lens, packed.encoder_seq_lens
+        self.input_ids = torch.zeros(max_seqs, dtype=torch.long, **on)
         self.slot_tables = torch.zeros(max_seqs, max_len, dtype=torch.int32, **on)
         self.encoder = num_encoder_slots > 0
-        self.encoder_seq_lens = torch.zeros(max_seqs, dtype=torch.int32, **on)
         self.encoder_slot_tables = torch.zeros(max_seqs, max(max_encoder_len, 1),
                                                dtype=torch.int32, **on)
         self._no_slots = torch.empty(0, dtype=torch.long, **on)
+        self._loaded_tables: RunningTables | None = None
         self._lock = threading.Lock()
         self._leased = False
 
@@ -96,19 +117,51 @@ class StaticDecodeState:
         return meta.encoder_slot_tables is not None \
             and meta.encoder_slot_tables.shape[1] <= self.max_encoder_len
 
-    def load(self, meta: AttentionMetadata, rows: int) -> None:
-        """Copy the step's layout into the buffers (call `accepts` first)."""
+    def stage(self, running: RunningTables, positions: list[int], slots: list[int],
+              rows: int) -> None:
+        """The fast path's layout: running sequence i is at `positions[i]` and writes cache
+        slot `slots[i]`; rows up to `rows` past them are padding. One copy, plus the tables
+        when `running` is not the set loaded last. Token ids: write `input_ids` yourself."""
+        n = len(positions)
+        host = self.layout.take()
+        pad = rows - n
+        host.positions[:rows] = positions + [0] * pad
+        host.slot_mapping[:rows] = slots + [-1] * pad
+        host.seq_lens[:rows] = [p + 1 for p in positions] + [0] * pad
+        if running.encoder_lens is not None:
+            host.encoder_seq_lens[:rows] = running.encoder_lens + [0] * pad
+        self.layout.upload()
+        if running is not self._loaded_tables:
+            self._load_tables(running.slot_tables, running.encoder_slot_tables)
+            self._loaded_tables = running
+
+    def load(self, meta: AttentionMetadata, rows: int, input_ids: torch.Tensor,
+             positions: torch.Tensor) -> None:
+        """Copy any decode step's layout, token ids and positions into the buffers (call
+        `accepts` first)."""
         n = meta.num_seqs
-        self.seq_lens[:n].copy_(meta.device_seq_lens(), non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_tables[:n, :meta.slot_tables.shape[1]].copy_(meta.slot_tables,
-                                                               non_blocking=True)
+        host = self.layout.take()
+        pad = rows - n
+        host.positions[n:rows] = [0] * pad
+        host.slot_mapping[n:rows] = [-1] * pad
+        host.seq_lens[:rows] = list(meta.seq_lens) + [0] * pad
         if self.encoder:
-            assert meta.encoder_slot_tables is not None
-            self.encoder_seq_lens[:n].copy_(meta.device_encoder_seq_lens(), non_blocking=True)
-            self.encoder_slot_tables[:n, :meta.encoder_slot_tables.shape[1]].copy_(
-                meta.encoder_slot_tables, non_blocking=True)
-        self._pad(n, rows)
+            assert meta.encoder_seq_lens is not None
+            host.encoder_seq_lens[:rows] = list(meta.encoder_seq_lens) + [0] * pad
+        self.layout.upload()
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self._load_tables(meta.slot_tables, meta.encoder_slot_tables)
+        self._loaded_tables = None
+
+    def _load_tables(self, tables: torch.Tensor, encoder_tables: torch.Tensor | None) -> None:
+        n = tables.shape[0]
+        self.slot_tables[:n, :tables.shape[1]].copy_(tables, non_blocking=True)
+        if self.encoder:
+            assert encoder_tables is not None
+            self.encoder_slot_tables[:n, :encoder_tables.shape[1]].copy_(encoder_tables,
+                                                                         non_blocking=True)
 
     def _pad(self, start: int, rows: int) -> None:
         if start < rows:
@@ -144,11 +197,15 @@ class StaticDecodeState:
 @dataclass(frozen=True)
 class KVCachePlan:
     """How a runner gets its own KV caches: `tokens` slots, or "auto"; each slot costs
-    `bytes_per_token`; `build(slots)` makes the state (caches and layout buffers)."""
+    `bytes_per_token`; `build(slots)` makes the state (caches and layout buffers). Whole-step
+    graphs read the state's token ids and positions in place of forward's inputs
+    `input_ids_index` and `positions_index`."""
 
     tokens: int | str
     bytes_per_token: int
     build: Callable[[int], StaticDecodeState]
+    input_ids_index: int = 0
+    positions_index: int = 1
 
     def slots(self, profile: Callable[[], MemoryProfile] | None,
               memory_utilization: float) -> int:
