@@ -145,7 +145,8 @@ def test_compiled_models_on_cuda_graphs_generate_eagers_tokens(kind: str) -> Non
     model = from_hf(hf)
     compiled = compile_model(model, config=CompileConfig(device="cuda",
                                                          capture_sizes=CAPTURE_SIZES))
-    assert compiled.report.captured_sizes == CAPTURE_SIZES
+    assert compiled.report.decode_graph_sizes == CAPTURE_SIZES  # (and prefill buckets)
+    assert set(CAPTURE_SIZES) <= set(compiled.report.captured_sizes)
     assert compiled.report.graph_memory_bytes >= 0 and compiled.report.capture_seconds > 0
     for batch in (3, 5, 9):
         ids = random_ids((batch, 6), hf.config.vocab_size, seed=batch).cuda()

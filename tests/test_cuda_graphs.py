@@ -103,7 +103,7 @@ def test_default_buckets_capture_time_and_memory(caplog: pytest.LogCaptureFixtur
     assert stats.captured_sizes == sizes
     assert stats.graphs == captured * len(sizes)
     assert stats.capture_seconds > 0 and stats.graph_memory_bytes >= 0
-    message = f"captured {stats.graphs} graphs for {len(sizes)} sizes in "
+    message = f"captured {stats.graphs} graphs for {len(sizes)} sizes (0 prefill) in "
     assert any(message in r.getMessage() for r in caplog.records)
     record_property("capture_seconds", stats.capture_seconds)
     record_property("graph_memory_bytes", stats.graph_memory_bytes)

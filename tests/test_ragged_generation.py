@@ -19,6 +19,7 @@ from runtime.forward_context import get_forward_context, set_forward_context
 from runtime.generation import DecodeSession
 from runtime.runner import BucketRunner
 from runtime.step import StepMode
+from runtime.whole_step import WholeStepGraphs
 from tests.generation_helpers import RecordingModel, finish_at_eos, staggered_eos
 from tests.model_oracle import build_hf, decoder_prompt, hf_generate_eos, random_ids
 
@@ -282,6 +283,15 @@ def test_prefill_steps_replay_cuda_graphs_and_decode_steps_one_graph(
         return steps[-1][1]
 
     monkeypatch.setattr(BucketRunner, "dispatch", recording)
+    fast: list[bool] = []  # decode steps on the fast path: served by a whole-step graph?
+    decode = WholeStepGraphs.decode
+
+    def recording_decode(graphs: WholeStepGraphs, *args: Any) -> Any:
+        logits = decode(graphs, *args)
+        fast.append(logits is not None)
+        return logits
+
+    monkeypatch.setattr(WholeStepGraphs, "decode", recording_decode)
     prompts = [p.cuda() for p in ragged((30, 9, 20), hf.config.vocab_size, seed=91)]
     expected = ours(model, "llama", prompts, ignore_eos=True)
     steps.clear()
@@ -289,4 +299,5 @@ def test_prefill_steps_replay_cuda_graphs_and_decode_steps_one_graph(
     first = steps[0][1]
     assert steps[0][0] == 59 and (first.mode, first.key, first.eager_logits) == \
         (StepMode.PIECEWISE, 64, True)
-    assert [step.mode for _, step in steps[1:]] == [StepMode.FULL] * (STEPS - 1)
+    # decode steps skip the runner's dispatch: the session replays a whole-step graph itself
+    assert len(steps) == 1 and fast == [True] * (STEPS - 1)
