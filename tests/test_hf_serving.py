@@ -16,11 +16,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import compiler.hf_serving
 from compiler import CompileConfig, compile_model
 from compiler.capture import ShapePropagator
+from compiler.shape_refresh import RefreshStats
 from compiler.hf_capture import UnsupportedModelError, capture_hf
 from compiler.hf_serving import HFServingModel, serving_model
 from passes.attention_match import UnsupportedAttentionError
 from runtime import attention, generate
 from runtime.kv_cache import AttentionKind
+from tests.fx_helpers import checked_refreshes
 from tests.hf_models import DECODER_ONLY, ENCODER_DECODER, build, prompt_for
 from tests.model_oracle import hf_generate_eos, hf_greedy, hf_logits, random_ids, step_logits
 
@@ -39,7 +41,14 @@ def fresh_dynamo() -> None:
 
 
 @pytest.fixture(scope="module")
-def plain() -> Callable[[str], tuple[transformers.PreTrainedModel, Any]]:
+def refresh_checks() -> dict[str, list[tuple[RefreshStats, list[str]]]]:
+    """Per architecture, each shape refresh of its `plain` compile and how its values differ
+    from a full propagation's (tests/fx_helpers.checked_refreshes)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def plain(refresh_checks) -> Callable[[str], tuple[transformers.PreTrainedModel, Any]]:
     """`build(name)` and its PLAIN compile, made once per module and worker (a capture costs
     seconds), shared by the tests that check different things of the same compiled model."""
     made: dict[str, tuple[transformers.PreTrainedModel, Any]] = {}
@@ -48,7 +57,9 @@ def plain() -> Callable[[str], tuple[transformers.PreTrainedModel, Any]]:
         if name not in made:
             torch._dynamo.reset()
             hf = build(name)
-            made[name] = hf, compile_model(hf, config=PLAIN)
+            with checked_refreshes() as checks:
+                made[name] = hf, compile_model(hf, config=PLAIN)
+            refresh_checks[name] = checks
         return made[name]
     return get
 
@@ -95,6 +106,20 @@ def test_greedy_tokens_equal_hugging_face(plain, name: str) -> None:
         kinds = sorted(spec.kind.value for spec in compiled.model.attention_specs().values())
         assert kinds == ["cross", "cross", "decoder", "decoder", "encoder", "encoder"]
         assert passes["token_positions"].matches == 2  # encoder and decoder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*DECODER_ONLY, *ENCODER_DECODER])
+def test_shape_refresh_after_each_pass_equals_a_full_propagation(plain, refresh_checks,
+                                                                  name: str) -> None:
+    """Both pipelines (serving passes, then the default ones) refresh shapes incrementally
+    after each pass that changed the graph: every node's value has the metadata a full
+    propagation gives it (shape with its symbols, stride, dtype, device)."""
+    plain(name)
+    checks = refresh_checks[name]
+    assert [line for _, differences in checks for line in differences] == []
+    incremental = [stats for stats, _ in checks if not stats.full]
+    assert incremental and all(len(s.recomputed) < s.nodes for s in incremental)
 
 
 @pytest.mark.slow
@@ -259,7 +284,9 @@ def test_whisper_reads_features_and_generates_hugging_face_tokens() -> None:
     timestamp logic that a random tiny config does not have)."""
     hf = build("whisper")
     prompt, features = prompt_for(hf, 3)
-    compiled = compile_model(hf, config=PLAIN)
+    with checked_refreshes() as checks:  # the values incremental refreshes leave are fresh
+        compiled = compile_model(hf, config=PLAIN)
+    assert [line for _, differences in checks for line in differences] == []
     kinds = sorted(spec.kind.value for spec in compiled.model.attention_specs().values())
     assert kinds == ["cross", "cross", "decoder", "decoder", "encoder", "encoder"]
     continuation = random_ids((3, 3), hf.config.vocab_size, seed=5)
