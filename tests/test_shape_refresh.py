@@ -133,6 +133,13 @@ def test_a_replaced_attribute_reruns_its_get_attr_and_what_reads_it() -> None:
     assert metadata_differences(gm, refresh.fake_mode, refresh.fake_inputs) == []
 
 
+def test_an_attribute_that_is_gone_fails_the_refresh_as_a_full_propagation_would() -> None:
+    gm, refresh = propagated()
+    del gm.left.bias
+    with pytest.raises(RuntimeError, match="nonexistent target left.bias"):
+        refresh(gm)
+
+
 def test_another_graph_gets_a_full_propagation() -> None:
     gm, refresh = propagated()
     copy = fx.GraphModule(gm, _copied(gm.graph))
