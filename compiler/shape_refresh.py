@@ -110,6 +110,8 @@ def _attribute(gm: fx.GraphModule, node: fx.Node) -> Any:
             owner = getattr(owner, part)
     except AttributeError:
         return _Same(object())  # equal to no other key: re-run, and it fails as a full run would
+    if isinstance(owner, torch.Tensor):  # the same tensor, unless its `.data` was swapped
+        return (_Same(owner), tuple(owner.shape), owner.stride(), owner.dtype, owner.device)
     return _key(owner)
 
 
