@@ -51,6 +51,14 @@ def checked_refreshes() -> Iterator[list[tuple[RefreshStats, list[str]]]]:
         ShapePropagator.__call__ = refresh  # type: ignore[method-assign]
 
 
+def assert_fresh(checks: list[tuple[RefreshStats, list[str]]]) -> None:
+    """No refresh of `checks` left a value a full propagation would not give, and some were
+    incremental, each re-running fewer nodes than the graph has."""
+    assert [line for _, differences in checks for line in differences] == []
+    incremental = [stats for stats, _ in checks if not stats.full]
+    assert incremental and all(len(stats.recomputed) < stats.nodes for stats in incremental)
+
+
 def output_value(gm: fx.GraphModule) -> Any:
     """The propagated value (FakeTensors, symbolic dim 0) of what the graph returns."""
     (output,) = gm.graph.find_nodes(op="output")

@@ -17,7 +17,7 @@ from compiler.capture import ShapePropagator, symbolic_propagator
 from compiler.shape_refresh import FakeProp, metadata_differences
 from models import from_hf
 from models.presets import hf_model
-from tests.fx_helpers import checked_refreshes, trace
+from tests.fx_helpers import assert_fresh, checked_refreshes, trace
 from tests.hf_models import build
 
 INPUTS = (torch.randn(5, 8),)
@@ -265,9 +265,7 @@ def test_the_default_pipeline_leaves_the_values_a_full_propagation_gives(
     pipeline is checked in tests/test_hf_serving.py, on every architecture)."""
     with checked_refreshes() as checks:
         make()
-    assert [line for _, differences in checks for line in differences] == []
-    incremental = [stats for stats, _ in checks if not stats.full]
-    assert incremental and all(len(s.recomputed) < s.nodes for s in incremental)
+    assert_fresh(checks)
 
 
 def _copied(graph: fx.Graph) -> fx.Graph:
