@@ -12,17 +12,16 @@ import logging
 import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
-from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from compiler.shape_refresh import IncrementalPropagation, RefreshStats
 from passes.writes import IN_PLACE_OPERATORS
 
 logger = logging.getLogger(__name__)
@@ -141,8 +140,10 @@ def _versions(model: torch.nn.Module) -> dict[str, int]:
 
 @dataclass
 class ShapePropagator:
-    """Re-runs fake-tensor shape propagation; passes call it after they add nodes.
+    """Fake-tensor shape propagation of a graph; passes call it after they change the graph.
 
+    The first call propagates the whole graph; a later call on the same graph re-runs only the
+    nodes that changed and those whose inputs' metadata changed (`compiler/shape_refresh.py`).
     Ops run as Dynamo runs them when it traces (`get_fake_value`): under the Python
     dispatcher, so composite ops (matmul, linear) decompose through their Python
     implementations, which keep sizes symbolic. Their C++ implementations read concrete sizes
@@ -152,20 +153,11 @@ class ShapePropagator:
 
     fake_mode: FakeTensorMode
     fake_inputs: tuple[Any, ...]
+    incremental: IncrementalPropagation = field(default_factory=IncrementalPropagation,
+                                                repr=False, compare=False)
 
-    def __call__(self, gm: fx.GraphModule) -> None:
-        with self.fake_mode, enable_python_dispatcher():
-            _FakeProp(gm, self.fake_mode).propagate_dont_convert_inputs(*self.fake_inputs)
-
-
-class _FakeProp(FakeTensorProp):
-    """FakeTensorProp that also fakes real constants (weights a pass added as attributes)."""
-
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-            return self._mode.from_tensor(value, static_shapes=True)
-        return value
+    def __call__(self, gm: fx.GraphModule) -> RefreshStats:
+        return self.incremental(gm, self.fake_mode, self.fake_inputs)
 
 
 def symbolic_propagator(example_inputs: Sequence[Any]) -> ShapePropagator:

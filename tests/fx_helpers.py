@@ -3,7 +3,8 @@ attention nodes, the propagated output."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,7 +12,8 @@ from torch import fx
 
 import runtime.attention  # noqa: F401  (registers torch.ops.fxkiln.attention)
 import runtime.ops  # noqa: F401  (registers the implementations of the dispatch ops)
-from compiler.capture import symbolic_propagator, symbolic_trace
+from compiler.capture import ShapePropagator, symbolic_propagator, symbolic_trace
+from compiler.shape_refresh import RefreshStats, metadata_differences
 from runtime.registry import kernel_implementations
 
 # A projection in a traced graph, or in a compiled one (linear_epilogue and kernel_choice make
@@ -27,6 +29,34 @@ def trace(module: torch.nn.Module, inputs: Sequence[Any] | None = None) -> fx.Gr
     if inputs is not None:
         symbolic_propagator(tuple(inputs))(gm)
     return gm
+
+
+@contextmanager
+def checked_refreshes() -> Iterator[list[tuple[RefreshStats, list[str]]]]:
+    """While open, every shape refresh (a ShapePropagator call: after capture and after each
+    pass that changed the graph) is followed by a full propagation of a copy of the graph; the
+    list gets each refresh's stats and how its values differ from the full one's."""
+    checks: list[tuple[RefreshStats, list[str]]] = []
+    refresh = ShapePropagator.__call__
+
+    def checked(self: ShapePropagator, gm: fx.GraphModule) -> RefreshStats:
+        stats = refresh(self, gm)
+        checks.append((stats, metadata_differences(gm, self.fake_mode, self.fake_inputs)))
+        return stats
+
+    ShapePropagator.__call__ = checked  # type: ignore[method-assign]  # restored below
+    try:
+        yield checks
+    finally:
+        ShapePropagator.__call__ = refresh  # type: ignore[method-assign]
+
+
+def assert_fresh(checks: list[tuple[RefreshStats, list[str]]]) -> None:
+    """No refresh of `checks` left a value a full propagation would not give, and some were
+    incremental, each re-running fewer nodes than the graph has."""
+    assert [line for _, differences in checks for line in differences] == []
+    incremental = [stats for stats, _ in checks if not stats.full]
+    assert incremental and all(len(stats.recomputed) < stats.nodes for stats in incremental)
 
 
 def output_value(gm: fx.GraphModule) -> Any:

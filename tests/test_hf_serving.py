@@ -15,13 +15,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import compiler.hf_serving
 from compiler import CompileConfig, compile_model
 from compiler.capture import ShapePropagator, symbolic_propagator
+from compiler.shape_refresh import RefreshStats
 from compiler.hf_capture import UnsupportedModelError, capture_hf
 from compiler.hf_serving import PROPAGATION_TOKENS, HFServingModel, example_inputs, serving_model
 from passes.attention_match import UnsupportedAttentionError
 from passes.token_streams import DECODER, token_streams
 from runtime import attention, generate
 from runtime.kv_cache import AttentionKind
-from tests.fx_helpers import output_value
+from tests.fx_helpers import assert_fresh, checked_refreshes, output_value
 from tests.hf_models import DECODER_ONLY, ENCODER_DECODER, build, prompt_for
 from tests.model_oracle import hf_generate_eos, hf_greedy, hf_logits, random_ids, step_logits
 
@@ -40,7 +41,14 @@ def fresh_dynamo() -> None:
 
 
 @pytest.fixture(scope="module")
-def plain() -> Callable[[str], tuple[transformers.PreTrainedModel, Any]]:
+def refresh_checks() -> dict[str, list[tuple[RefreshStats, list[str]]]]:
+    """Per architecture, each shape refresh of its `plain` compile and how its values differ
+    from a full propagation's (tests/fx_helpers.checked_refreshes)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def plain(refresh_checks) -> Callable[[str], tuple[transformers.PreTrainedModel, Any]]:
     """`build(name)` and its PLAIN compile, made once per module and worker (a capture costs
     seconds), shared by the tests that check different things of the same compiled model."""
     made: dict[str, tuple[transformers.PreTrainedModel, Any]] = {}
@@ -49,7 +57,9 @@ def plain() -> Callable[[str], tuple[transformers.PreTrainedModel, Any]]:
         if name not in made:
             torch._dynamo.reset()
             hf = build(name)
-            made[name] = hf, compile_model(hf, config=PLAIN)
+            with checked_refreshes() as checks:
+                made[name] = hf, compile_model(hf, config=PLAIN)
+            refresh_checks[name] = checks
         return made[name]
     return get
 
@@ -83,11 +93,15 @@ FUSED = dict(llama=4, mistral=4, qwen2=4, qwen3=4, gemma=4, phi3=0, gpt2=0, opt=
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*DECODER_ONLY, *ENCODER_DECODER])
-def test_greedy_tokens_equal_hugging_face(plain, name: str) -> None:
+def test_greedy_tokens_equal_hugging_face(plain, refresh_checks, name: str) -> None:
+    """Also: both pipelines (serving passes, then the default ones) refreshed shapes
+    incrementally after each pass that changed the graph, and every node's value has the
+    metadata a full propagation gives it (shape with its symbols, stride, dtype, device)."""
     hf, compiled = plain(name)
     prompt, source, expected = hf_tokens(hf)
     tokens = generate(compiled, prompt, NEW_TOKENS, source, ignore_eos=True)
     assert torch.equal(tokens, expected)
+    assert_fresh(refresh_checks[name])
     passes = compiled.report.passes
     layers = 6 if hf.config.is_encoder_decoder else 2
     assert passes["cached_attention"].matches == layers
@@ -272,7 +286,9 @@ def test_whisper_reads_features_and_generates_hugging_face_tokens() -> None:
     timestamp logic that a random tiny config does not have)."""
     hf = build("whisper")
     prompt, features = prompt_for(hf, 3)
-    compiled = compile_model(hf, config=PLAIN)
+    with checked_refreshes() as checks:
+        compiled = compile_model(hf, config=PLAIN)
+    assert_fresh(checks)
     kinds = sorted(spec.kind.value for spec in compiled.model.attention_specs().values())
     assert kinds == ["cross", "cross", "decoder", "decoder", "encoder", "encoder"]
     continuation = random_ids((3, 3), hf.config.vocab_size, seed=5)
