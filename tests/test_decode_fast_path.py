@@ -40,13 +40,14 @@ VOCAB = LLAMA_BASE["vocab_size"]  # BART's too
 
 @pytest.fixture(scope="module")
 def llama() -> tuple[Any, Any]:
-    model = from_hf(build_hf("llama", seed=41, num_key_value_heads=2))
+    # one layer: each layer's attention runs in the Triton interpreter at every capture and step
+    model = from_hf(build_hf("llama", seed=41, num_key_value_heads=2, num_hidden_layers=1))
     return model, compile_model(model, config=FAST)
 
 
 @pytest.fixture(scope="module")
 def bart() -> tuple[Any, Any]:
-    model = from_hf(build_hf("bart", seed=42))
+    model = from_hf(build_hf("bart", seed=42, encoder_layers=1, decoder_layers=1))
     return model, compile_model(model, config=FAST)
 
 

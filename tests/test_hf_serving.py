@@ -3,6 +3,7 @@ drives; float32 greedy tokens equal Hugging Face's generate for every covered ar
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -33,6 +34,10 @@ WHOLE = CompileConfig(device="cpu", capture_sizes=(4,), simulate_capture=True, d
                       kernels={"attention": "triton"}, kv_cache_tokens=256,
                       prefill_capture_sizes=(8, 16))
 NEW_TOKENS = 8
+# architectures whose compile checks every shape refresh against a full propagation (one more
+# propagation per refresh): one of each family of passes that fire (GQA and rotary, q/k norms,
+# Gemma's norm, fused qkv, Conv1D and learned positions, encoder-decoder); Whisper has its own
+STALENESS_CHECKED = frozenset({"llama", "qwen3", "gemma", "phi3", "gpt2", "bart"})
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +62,8 @@ def plain(refresh_checks) -> Callable[[str], tuple[transformers.PreTrainedModel,
         if name not in made:
             torch._dynamo.reset()
             hf = build(name)
-            with checked_refreshes() as checks:
+            checking = checked_refreshes() if name in STALENESS_CHECKED else nullcontext([])
+            with checking as checks:
                 made[name] = hf, compile_model(hf, config=PLAIN)
             refresh_checks[name] = checks
         return made[name]
@@ -101,7 +107,8 @@ def test_greedy_tokens_equal_hugging_face(plain, refresh_checks, name: str) -> N
     prompt, source, expected = hf_tokens(hf)
     tokens = generate(compiled, prompt, NEW_TOKENS, source, ignore_eos=True)
     assert torch.equal(tokens, expected)
-    assert_fresh(refresh_checks[name])
+    if name in STALENESS_CHECKED:
+        assert_fresh(refresh_checks[name])
     passes = compiled.report.passes
     layers = 6 if hf.config.is_encoder_decoder else 2
     assert passes["cached_attention"].matches == layers
