@@ -28,13 +28,15 @@ WHOLE = CompileConfig(device="cpu", capture_sizes=(1, 2, 4, 8), simulate_capture
 
 @pytest.fixture(scope="module")
 def llama() -> tuple[torch.nn.Module, object]:
-    model = from_hf(build_hf("llama", seed=21, num_key_value_heads=2))
+    # one layer: each layer's attention runs in the Triton interpreter at every capture and step
+    model = from_hf(build_hf("llama", seed=21, num_key_value_heads=2, num_hidden_layers=1))
     return model, compile_model(model, config=WHOLE)
 
 
 @pytest.fixture(scope="module")
 def bart() -> tuple[torch.nn.Module, object]:
-    model = from_hf(build_hf("bart", seed=22))  # the one bucket batch 3 decodes in
+    model = from_hf(build_hf("bart", seed=22, encoder_layers=1, decoder_layers=1))
+    # the one bucket batch 3 decodes in
     return model, compile_model(model, config=WHOLE.replace(capture_sizes=(4,)))
 
 
