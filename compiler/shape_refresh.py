@@ -17,7 +17,9 @@ values with a fresh full propagation, for tests.
 
 Both also run under the Python dispatcher, as Dynamo's own propagation does (see
 `compiler.capture.ShapePropagator`): torch 2.11's C++ matmul and linear would otherwise fix a
-symbolic token count to the example's.
+symbolic token count to the example's. And under `no_grad`, as the compiled model runs: with
+parameters that require grad, an op with `out=` after a projection (`torch.mul(x, 2, out=buf)`)
+would otherwise be refused by autograd at compile time.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class FakeProp(FakeTensorProp):
 
 def full_propagation(gm: fx.GraphModule, mode: FakeTensorMode, inputs: tuple[Any, ...]) -> None:
     """meta["val"] on every node of `gm`, from `inputs` (fake values of its placeholders)."""
-    with mode, disable_fake_tensor_cache(mode), enable_python_dispatcher():
+    with mode, disable_fake_tensor_cache(mode), enable_python_dispatcher(), torch.no_grad():
         FakeProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
@@ -224,7 +226,7 @@ def _rerun_changed(gm: fx.GraphModule, mode: FakeTensorMode, inputs: tuple[Any, 
     changed: set[fx.Node] = set()
     recomputed: list[str] = []
     nodes: dict[fx.Node, tuple[tuple[Any, ...], Any]] = {}
-    with mode, disable_fake_tensor_cache(mode), enable_python_dispatcher():
+    with mode, disable_fake_tensor_cache(mode), enable_python_dispatcher(), torch.no_grad():
         for node in gm.graph.nodes:
             key = fingerprint(gm, node)
             before = last.nodes.get(node)

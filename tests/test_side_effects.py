@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -134,6 +134,10 @@ def test_every_kind_of_write_is_made_at_every_call(step: str, passes: tuple[str,
 @given(steps=st.lists(st.sampled_from(sorted(STEPS)), min_size=1, max_size=4).map(tuple),
        tokens=st.lists(st.integers(1, ROWS), min_size=1, max_size=3),
        dynamo=st.booleans(), verify=st.booleans())
+# found by this property: an out= write after a projection whose weights require grad (shape
+# propagation ran with autograd on, which refuses out= ops with grad inputs)
+@example(steps=("projections_around_a_write", "add_", "out_argument"), tokens=[1], dynamo=False,
+         verify=False)
 def test_property_compiled_module_leaves_buffers_as_eager(steps: tuple[str, ...],
                                                           tokens: list[int], dynamo: bool,
                                                           verify: bool) -> None:
