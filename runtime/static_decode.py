@@ -86,7 +86,7 @@ class StaticDecodeState:
     def capture_context(self, rows: int) -> AbstractContextManager[object]:
         """The forward context of a captured decode step of `rows` token rows: every row reads
         the buffers. Lengths 0 and slots -1 meanwhile, so capture writes no cache slot."""
-        self._pad(0, rows)
+        self._clear(rows)
         return set_forward_context(self._static_metadata(rows), self.kv_caches)
 
     def _static_metadata(self, rows: int) -> AttentionMetadata:
@@ -163,12 +163,12 @@ class StaticDecodeState:
             self.encoder_slot_tables[:n, :encoder_tables.shape[1]].copy_(encoder_tables,
                                                                          non_blocking=True)
 
-    def _pad(self, start: int, rows: int) -> None:
-        if start < rows:
-            self.seq_lens[start:rows].zero_()
-            self.slot_mapping[start:rows].fill_(-1)
-            if self.encoder:
-                self.encoder_seq_lens[start:rows].zero_()
+    def _clear(self, rows: int) -> None:
+        """Rows [0, rows) as padding: length 0, slot -1 (the steps load over them)."""
+        self.seq_lens[:rows].zero_()
+        self.slot_mapping[:rows].fill_(-1)
+        if self.encoder:
+            self.encoder_seq_lens[:rows].zero_()
 
     # -- who uses the caches ----------------------------------------------------------------
     def fits(self, num_slots: int, max_len: int, num_encoder_slots: int = 0,
