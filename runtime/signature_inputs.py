@@ -4,9 +4,12 @@ A Dynamo graph's inputs are the call's tensors, its SymInt sizes (plain ints at 
 with nn modules inlined, every parameter and buffer. For a replay, each tensor input is one of:
 
 - **static, declared**: parameters, buffers and tensors marked with
-  `torch._dynamo.mark_static_address`. Read in place; their addresses are checked only in
+  `torch._dynamo.mark_static_address`. Read in place. A parameter's address is checked only in
   debug mode, where one that moved is a `StaticInputError` (checking hundreds of weights every
   call would cost more than the replay saves; without the check a graph reads the old tensor).
+  The others are few and are checked at every replay like observed ones: a Hugging Face
+  StaticCache marks its keys and values static, and `generate` makes a new cache per call, so
+  a graph that kept reading the old one would give wrong tokens from the second call on.
 - **static, observed**: a tensor whose storage stayed put from one call to the next and which
   the graph writes in place, such as a Hugging Face StaticCache's keys, values and position
   counter. Read and written in place; its address is checked at every replay (a few per layer)
@@ -76,10 +79,13 @@ class InputPlan:
         self.values = tuple(i for i, x in enumerate(example_args)
                             if not isinstance(x, torch.Tensor))
         self.host_scalars = tuple(sorted(inputs.host_scalars))
-        # watched for in-place writes: per-call tensors and declared buffers (not parameters)
-        self.watched = self.per_call + tuple(
-            i for i in sorted(self.declared)
-            if not isinstance(example_args[i], torch.nn.Parameter))
+        # declared static tensors other than parameters: buffers and mark_static_address
+        # tensors (a Hugging Face StaticCache marks its keys and values, and `generate` makes
+        # a new cache per call), few enough to check at every replay
+        self.declared_buffers = tuple(i for i in sorted(self.declared)
+                                      if not isinstance(example_args[i], torch.nn.Parameter))
+        # watched for in-place writes: per-call tensors and declared buffers
+        self.watched = self.per_call + self.declared_buffers
 
     def signature(self, args: Sequence[Any]) -> Hashable:
         """The key a call's graphs are stored under (see the module docstring)."""
@@ -151,7 +157,7 @@ class StagedInputs:
     copy_into: tuple[tuple[int, torch.Tensor], ...]   # (argument index, buffer) before replay
     copy_back: tuple[tuple[int, torch.Tensor], ...]   # (argument index, buffer) after replay
     checked: tuple[tuple[int, int], ...]              # (index, data_ptr) checked every replay
-    declared: tuple[tuple[int, int], ...]             # (index, data_ptr) checked in debug mode
+    declared: tuple[tuple[int, int], ...]             # parameters' (index, data_ptr): debug mode
     mirrors: tuple[Mirror, ...] = ()                  # host inputs read through device copies
     # `checked` as indices and addresses apart: one comparison per replay
     _checked_indices: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -201,12 +207,13 @@ def stage(plan: InputPlan, args: Sequence[Any], in_place: frozenset[int],
         elif index not in in_place:
             staged[index] = buffer = args[index].clone()
             copy_into.append((index, buffer))
-    observed = in_place - plan.declared
+    checked = (in_place - plan.declared) | frozenset(plan.declared_buffers)
     return StagedInputs(
         args=tuple(staged), copy_into=tuple(copy_into),
         copy_back=tuple((i, b) for i, b in copy_into if i in written),
-        checked=tuple((i, args[i].data_ptr()) for i in sorted(observed)),
-        declared=tuple((i, args[i].data_ptr()) for i in sorted(plan.declared)),
+        checked=tuple((i, args[i].data_ptr()) for i in sorted(checked)),
+        declared=tuple((i, args[i].data_ptr())
+                       for i in sorted(plan.declared - set(plan.declared_buffers))),
         mirrors=tuple(mirrors))
 
 

@@ -114,3 +114,30 @@ def test_dynamic_cache_generate_runs_uncaptured_and_says_why(replays: list) -> N
     assert replays == []
     assert any(report.capture_note == CHANGING for report in backend.reports)
     assert all(report.captured_sizes == () for report in backend.reports)
+
+
+def test_a_new_static_cache_is_read_where_it_is(replays: list) -> None:
+    """A StaticCache marks its keys and values static (mark_static_address) and `generate`
+    makes a new one per call: a graph captured over the first cache must not go on reading it
+    when the second arrives (the first is kept alive, so the second cannot take its memory)."""
+    torch._dynamo.reset()
+    hf = _hf("llama")
+    forward = torch.compile(hf.forward, backend=compiler.backend(SIMULATED))
+    ids = random_ids((1, 4), hf.config.vocab_size, seed=2)
+    caches = []
+    with torch.no_grad():
+        for _ in range(2):
+            caches.append(transformers.StaticCache(config=hf.config, max_cache_len=16))
+            eager_cache = transformers.StaticCache(config=hf.config, max_cache_len=16)
+            for cache in (caches[-1], eager_cache):
+                hf(input_ids=ids, past_key_values=cache, use_cache=True)  # prefill, eagerly
+            token = ids[:, -1:]
+            for _ in range(4):
+                logits = forward(input_ids=token, past_key_values=caches[-1],
+                                 use_cache=True).logits
+                expected = hf(input_ids=token, past_key_values=eager_cache,
+                              use_cache=True).logits
+                torch.testing.assert_close(logits, expected)
+                token = expected[:, -1:].argmax(-1)
+    assert len(replays) >= 2  # the second cache's steps replay too, from its own graph
+    torch._dynamo.reset()

@@ -225,7 +225,7 @@ def test_an_input_whose_address_keeps_changing_is_copied_after_churn(replays: li
 
 @pytest.mark.parametrize("debug", [True, False])
 def test_a_moved_weight_is_an_error_in_debug_mode_and_unseen_without(debug: bool) -> None:
-    weight = torch.randn(3)
+    weight = torch.nn.Parameter(torch.randn(3), requires_grad=False)
     runner = SignatureRunner(fx.symbolic_trace(lambda x, w: x * w),
                              GraphInputs(frozenset({1}), static_shapes=True),
                              [torch.randn(3), weight], graph_device=SimulatedGraphDevice("cpu"),
@@ -234,7 +234,7 @@ def test_a_moved_weight_is_an_error_in_debug_mode_and_unseen_without(debug: bool
     with torch.no_grad():
         for _ in range(3):
             torch.testing.assert_close(runner(x, weight), x * weight)
-        replaced = weight + 1
+        replaced = torch.nn.Parameter(weight + 1, requires_grad=False)
         if debug:
             with pytest.raises(StaticInputError, match="'w'.*expected the same tensor"):
                 runner(x, replaced)
@@ -349,3 +349,22 @@ def test_a_tensor_the_caller_keeps_passing_is_read_in_place_and_a_lookalike_is_c
             torch.testing.assert_close(runner(x, lookalike), x + base)
         (entry,) = runner.entries.values()
         assert entry.staged.checked == () and [i for i, _ in entry.staged.copy_into] == [0, 1]
+
+
+def test_a_moved_static_address_tensor_is_captured_again(replays: list) -> None:
+    """A declared static tensor that is no parameter (a mark_static_address cache: Hugging
+    Face's StaticCache, which `generate` makes anew per call) is checked at every replay: a
+    new one drops the graph, which would otherwise keep accumulating into the old one."""
+    runner = SignatureRunner(fx.symbolic_trace(_accumulate),
+                             GraphInputs(frozenset({1}), static_shapes=True),
+                             [torch.randn(3), torch.zeros(3)],
+                             graph_device=SimulatedGraphDevice("cpu"), capture_sizes=SIZES)
+    with torch.no_grad():
+        for total in (torch.zeros(3), torch.zeros(3)):  # the first stays alive: a new address
+            expected = torch.zeros(3)
+            for _ in range(4):
+                x = torch.randn(3)
+                expected += x
+                torch.testing.assert_close(runner(x, total), expected * 2)
+            torch.testing.assert_close(total, expected)
+    assert len(replays) == 2 * 2  # per total: watched, captured, two replays
