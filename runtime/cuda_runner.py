@@ -60,6 +60,7 @@ class CUDAGraphDevice(GraphDevice):
     def __init__(self, device: torch.device | str) -> None:
         self._pool: Any = None
         self._stream: torch.cuda.Stream | None = None
+        self._anchor: torch.cuda.CUDAGraph | None = None
         super().__init__(device)
 
     def _read_properties(self) -> DeviceProperties:
@@ -80,6 +81,8 @@ class CUDAGraphDevice(GraphDevice):
             caller = torch.cuda.current_stream(self.device)
             self._stream.wait_stream(caller)
             with torch.cuda.stream(self._stream):
+                if self._anchor is None:
+                    self._anchor = _anchor_graph(self._pool, self.device)
                 yield
             caller.wait_stream(self._stream)
             torch.cuda.synchronize(self.device)
@@ -115,3 +118,17 @@ def _end_failed_capture(graph: torch.cuda.CUDAGraph) -> None:
         graph.capture_end()
     except RuntimeError as error:  # an invalidated capture fails to end; nothing to keep
         logger.debug("ending the failed capture raised too: %s", error)
+
+
+def _anchor_graph(pool: Any, device: torch.device) -> torch.cuda.CUDAGraph:
+    """A one-kernel graph in `pool`, kept for the device's lifetime and never replayed.
+
+    The caching allocators (device and pinned host) count a pool's graphs and free the pool
+    when the count reaches zero; a later capture into the same handle then fails their
+    assert ("use_count > 0"). That happens when a signature's only graph is dropped (a new
+    Hugging Face StaticCache per `generate`). The anchor keeps the count above zero."""
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(pool=pool)
+    torch.zeros(1, device=device)
+    graph.capture_end()
+    return graph

@@ -104,3 +104,36 @@ def test_outputs_held_across_replays_keep_their_values(cuda_replays: list) -> No
     assert len(cuda_replays) == 4
     for logits, copy in kept:
         assert torch.equal(logits, copy)
+
+
+def test_a_moved_cache_is_captured_anew_into_the_same_pool(cuda_replays: list) -> None:
+    """A StaticCache at a new address drops the signature's only graph and captures another.
+    With a bare graph_pool_handle() the dropped graph took the pool with it, and the second
+    capture failed an allocator assert ("use_count > 0"): the first cache is kept alive here
+    so that the second cannot take its memory."""
+    import transformers
+
+    torch._dynamo.reset()
+    hf = hf_model("llama-tiny", CUDA)
+    randomize_(hf, seed=7)
+    backend = compiler.backend(CompileConfig(device="cuda", capture_sizes=SIZES))
+    forward = torch.compile(hf.forward, backend=backend)
+    ids = random_ids((1, 4), hf.config.vocab_size, seed=2).to(CUDA)
+    caches = []
+    with torch.no_grad():
+        for _ in range(2):
+            caches.append(transformers.StaticCache(config=hf.config, max_cache_len=32))
+            eager_cache = transformers.StaticCache(config=hf.config, max_cache_len=32)
+            hf(input_ids=ids, past_key_values=caches[-1], use_cache=True)
+            hf(input_ids=ids, past_key_values=eager_cache, use_cache=True)
+            token = ids[:, -1:].clone()
+            for _ in range(5):
+                logits = forward(input_ids=token, past_key_values=caches[-1],
+                                 use_cache=True).logits
+                expected = hf(input_ids=token, past_key_values=eager_cache,
+                              use_cache=True).logits
+                torch.testing.assert_close(logits, expected)
+                token = expected[:, -1].argmax(-1, keepdim=True)
+    assert caches[0].layers[0].keys.data_ptr() != caches[1].layers[0].keys.data_ptr()
+    assert len(cuda_replays) == 2 * (5 - 2)  # per cache: watched, captured, then replays
+    assert backend.reports[-1].captured_sizes == (1,)
