@@ -35,7 +35,8 @@ def grouped_decode_attention_kernel(
     slot_stride, stats_plane, scale, splits,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, KV_ROW: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
-    COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_NEW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program (sequence, KV head, split): the KV head's whole query group (GROUP query heads)
     over the split's share of the sequence's cached positions, so each K/V row is loaded once
