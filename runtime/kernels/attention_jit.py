@@ -30,13 +30,14 @@ def write_kv_kernel(key_cache_ptr, value_cache_ptr, key_ptr, value_ptr, slot_map
 @triton.jit
 def grouped_decode_attention_kernel(
     out_ptr, partial_ptr, stats_ptr, query_ptr, key_ptr, value_ptr, key_cache_ptr,
-    value_cache_ptr, tables_ptr, seq_lens_ptr, slots_ptr, arrivals_ptr,
-    query_row_stride, key_row_stride, value_row_stride, out_row_stride, table_row_stride,
-    slot_stride, stats_plane, scale, splits,
+    value_cache_ptr, tables_ptr, seq_lens_ptr, slots_ptr, arrivals_ptr, positions_ptr,
+    cos_sin_ptr, query_row_stride, key_row_stride, value_row_stride, out_row_stride,
+    table_row_stride, slot_stride, stats_plane, cos_sin_stride, half_rotary, scale, splits,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, KV_ROW: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
     COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_NEW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ROTARY: tl.constexpr, IS_NEOX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Program (sequence, KV head, split): the KV head's whole query group (GROUP query heads)
     over the split's share of the sequence's cached positions, so each K/V row is loaded once
@@ -51,7 +52,10 @@ def grouped_decode_attention_kernel(
     `arrivals` (see `_arrive_and_combine`; BLOCK_S: `splits` padded to a power of two). WRITE_NEW
     (decoder self-attention): the newest position (length - 1) is this step's token, read from
     key/value rather than the cache, and the split that owns it also writes it to cache slot
-    slots[sequence] (unless -1). The products run in the cache dtype (float32 accumulation);
+    slots[sequence] (unless -1). ROTARY: the query and the new key arrive unrotated and are
+    rotated on load (RoPE at positions[sequence] from the cos/sin table, neox or interleaved
+    halves, as `rotary_kernel` does it, rounded to their dtype), so the cache gets the rotated
+    key. The products run in the cache dtype (float32 accumulation);
     UPCAST runs them in float32 (Triton's CPU interpreter has no bfloat16 arithmetic).
     """
     row = tl.program_id(0).to(tl.int64)
@@ -68,8 +72,12 @@ def grouped_decode_attention_kernel(
     dim_mask = dims < HEAD_SIZE
     q_heads = kv_head * GROUP + heads                                          # (BLOCK_G,)
     group_mask = head_mask[:, None] & dim_mask[None, :]
-    query = tl.load(query_ptr + row * query_row_stride + q_heads[:, None] * HEAD_SIZE
-                    + dims[None, :], mask=group_mask, other=0.0)               # (BLOCK_G, BLOCK_D)
+    rope_row = cos_sin_ptr
+    if ROTARY:
+        rope_row = cos_sin_ptr + tl.load(positions_ptr + row).to(tl.int64) * cos_sin_stride
+    query = _load_head(query_ptr + row * query_row_stride + q_heads[:, None] * HEAD_SIZE,
+                       dims[None, :], group_mask, rope_row, half_rotary, ROTARY,
+                       IS_NEOX)                                                # (BLOCK_G, BLOCK_D)
     dot_dtype = tl.float32 if UPCAST else key_cache_ptr.dtype.element_ty
     query = query.to(dot_dtype)
     kv_offset = kv_head * HEAD_SIZE
@@ -92,8 +100,8 @@ def grouped_decode_attention_kernel(
     if WRITE_NEW:
         newest = seq_len - 1
         if (newest >= lo) & (newest < hi):
-            new_key = tl.load(key_ptr + row * key_row_stride + kv_offset + dims, mask=dim_mask,
-                              other=0.0)                                       # (BLOCK_D,)
+            new_key = _load_head(key_ptr + row * key_row_stride + kv_offset, dims, dim_mask,
+                                 rope_row, half_rotary, ROTARY, IS_NEOX)       # (BLOCK_D,)
             new_value = tl.load(value_ptr + row * value_row_stride + kv_offset + dims,
                                 mask=dim_mask, other=0.0)
             acc, running_max, running_sum = _fold_position(
@@ -117,6 +125,34 @@ def grouped_decode_attention_kernel(
             _arrive_and_combine(out_ptr, partial_ptr, stats_ptr, arrivals_ptr, row, kv_head,
                                 out_row_stride, stats_plane, splits, NUM_HEADS, GROUP,
                                 HEAD_SIZE, BLOCK_S, BLOCK_D)
+
+
+@triton.jit
+def _load_head(head_ptr, dims, mask, rope_row, half_rotary, ROTARY: tl.constexpr,
+               IS_NEOX: tl.constexpr):
+    """Features `dims` (any shape) of a head whose first feature `head_ptr` points at (pointers
+    of any shape broadcasting against `dims`); ROTARY: with RoPE applied to the first
+    2 * half_rotary features, from the table row `rope_row` (cos halves, then sin halves), in
+    float32 and rounded back to the head's dtype."""
+    x = tl.load(head_ptr + dims, mask=mask, other=0.0)
+    if ROTARY:
+        rotary = mask & (dims < 2 * half_rotary)
+        if IS_NEOX:
+            first = dims < half_rotary
+            partner = tl.where(first, dims + half_rotary, dims - half_rotary)
+            pair = tl.where(first, dims, dims - half_rotary)
+        else:
+            first = dims % 2 == 0
+            partner = tl.where(first, dims + 1, dims - 1)
+            pair = dims // 2
+        dtype = head_ptr.dtype.element_ty
+        other = tl.load(head_ptr + partner, mask=rotary, other=0.0).to(tl.float32)
+        cos = tl.load(rope_row + pair, mask=rotary, other=0.0).to(dtype).to(tl.float32)
+        sin = tl.load(rope_row + half_rotary + pair, mask=rotary, other=0.0)
+        sin = sin.to(dtype).to(tl.float32)
+        rotated = x.to(tl.float32) * cos + tl.where(first, -other, other) * sin
+        x = tl.where(rotary, rotated.to(dtype), x)
+    return x
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.forward_context import AttentionMetadata
+from runtime.forward_context import AttentionMetadata, Rotary
 from runtime.kernels import attention_jit, triton_kernels
 from runtime.kernels.triton_kernels import _next_power_of_2, device_processors
 from runtime.kv_cache import AttentionKind, AttentionSpec, LayerKVCache
@@ -88,11 +88,14 @@ def decode_plan(spec: AttentionSpec, rows: int, processors: int,
 
 
 def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
+                output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
+                rotary: Rotary | None = None) -> None:
     """A decode step of a cached (decoder or cross) attention layer, graph-safe.
 
     Static (captured) layouts run every row, padding rows included (length 0: zero rows); other
-    steps run the real sequences and zero the rows past them.
+    steps run the real sequences and zero the rows past them. `rotary`: rotate query and key
+    first, inside the attention kernel where it writes the cache itself (decoder
+    self-attention, `fuse_write`), else by the rotary kernel before it.
     """
     spec = cache.spec
     rows = query.shape[0] if meta.static_decode else meta.num_seqs
@@ -101,6 +104,9 @@ def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if rows == 0:
         return
     plan = decode_plan(spec, rows, device_processors(query.device))
+    if rotary is not None and not (spec.kind is AttentionKind.DECODER and plan.fuse_write):
+        query, key = rotate(query, key, rotary, spec.head_size)
+        rotary = None
     slots = None
     if spec.kind is AttentionKind.DECODER:
         slots = meta.slot_mapping[:rows]
@@ -111,7 +117,16 @@ def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     else:
         tables, lengths = meta.encoder_slot_tables, meta.device_encoder_seq_lens()
     assert tables is not None and lengths is not None
-    launch_decode(query, key, value, output, cache, tables, lengths, slots, rows, plan)
+    launch_decode(query, key, value, output, cache, tables, lengths, slots, rows, plan, rotary)
+
+
+def rotate(query: torch.Tensor, key: torch.Tensor, rotary: Rotary,
+           head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """query and key rotated by `rotary` through the rotary kernel (a launch of its own)."""
+    args = (rotary.positions[:query.shape[0]], query, key, rotary.cos_sin_cache, head_size,
+            rotary.is_neox)
+    return triton_kernels.rotary_embedding(*args, *triton_kernels.rotary_embedding_constants(
+        *args))
 
 
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -137,12 +152,12 @@ def write_kv(cache: LayerKVCache, key: torch.Tensor, value: torch.Tensor,
 def launch_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   output: torch.Tensor, cache: LayerKVCache, tables: torch.Tensor,
                   lengths: torch.Tensor, slots: torch.Tensor | None, rows: int,
-                  plan: DecodePlan) -> None:
+                  plan: DecodePlan, rotary: Rotary | None = None) -> None:
     """Attention of the first `rows` query rows over the cache, by `plan`.
 
     `slots` (rows,): write key/value row i to cache slot slots[i] in the same kernel (the
     newest position of each sequence is then read from key/value); None: the cache already
-    holds every position.
+    holds every position. `rotary` (with `slots` only): query and key rows arrive unrotated.
     """
     assert cache.key is not None and cache.value is not None
     spec = cache.spec
@@ -158,17 +173,25 @@ def launch_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     value_rows = rows_contiguous(value[:rows]) if fuse else query
     slot_rows = slots if slots is not None else lengths
     partial, stats, arrivals = _split_workspace(spec, rows, plan, query.device, out)
+    if rotary is not None and not fuse:
+        raise ValueError("decode attention: a rotary to apply needs the cache write in the "
+                         "kernel (slots), found slots None")
+    positions = lengths if rotary is None else rotary.positions
+    positions = positions if positions.stride(0) == 1 else positions.contiguous()
+    table = out if rotary is None else rotary.cos_sin_cache
+    table = table if table.stride(-1) == 1 else table.contiguous()
     try:
         attention_jit.grouped_decode_attention_kernel[(rows, spec.num_kv_heads, plan.splits)](
             out, partial, stats, query, key_rows, value_rows, cache.key, cache.value, tables,
-            lengths, slot_rows, lengths if arrivals is None else arrivals, query.stride(0),
-            key_rows.stride(0), value_rows.stride(0), out.stride(0), tables.stride(0),
-            slot_rows.stride(0), stats.stride(0) if plan.splits > 1 else 0, spec.scale,
-            plan.splits, NUM_HEADS=spec.num_heads, GROUP=spec.num_heads // spec.num_kv_heads,
+            lengths, slot_rows, lengths if arrivals is None else arrivals, positions, table,
+            query.stride(0), key_rows.stride(0), value_rows.stride(0), out.stride(0),
+            tables.stride(0), slot_rows.stride(0), stats.stride(0) if plan.splits > 1 else 0,
+            table.stride(0), table.shape[-1] // 2, spec.scale, plan.splits, NUM_HEADS=spec.num_heads, GROUP=spec.num_heads // spec.num_kv_heads,
             HEAD_SIZE=spec.head_size, KV_ROW=spec.num_kv_heads * spec.head_size,
             BLOCK_G=plan.block_g, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n,
             PARTIAL=plan.splits > 1, COMBINE=arrivals is not None,
-            BLOCK_S=_next_power_of_2(plan.splits), WRITE_NEW=fuse, UPCAST=interpreted,
+            BLOCK_S=_next_power_of_2(plan.splits), WRITE_NEW=fuse, ROTARY=rotary is not None,
+            IS_NEOX=rotary is None or rotary.is_neox, UPCAST=interpreted,
             num_warps=plan.num_warps,
             DOT_PRECISION="ieee" if interpreted or cache.key.dtype == torch.float32 else "tf32")
     except BaseException:
