@@ -39,7 +39,7 @@ ATTENTION_TYPES = {**{name: BF16 for name in ("out_ptr", "query_ptr", "key_ptr",
                                               "key_cache_ptr", "value_cache_ptr")},
                    "partial_ptr": "*fp32", "stats_ptr": "*fp32", "tables_ptr": "*i64",
                    "seq_lens_ptr": "*i32", "slots_ptr": "*i64", "arrivals_ptr": "*i32",
-                   "scale": "fp32"}
+                   "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "scale": "fp32"}
 Config = tuple[str, Any, dict[str, str], dict[str, Any], int]  # label, kernel, types, consts, warps
 ALIGNED_SIZES = ("hidden", "head_size", "half_rotary")  # multiples of 16 in these models
 
@@ -87,6 +87,7 @@ def configs() -> Iterator[Config]:
                            KV_ROW=kv_heads * head_size, BLOCK_G=plan.block_g,
                            BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, PARTIAL=plan.splits > 1,
                            COMBINE=combine, BLOCK_S=block_s, WRITE_NEW=plan.fuse_write,
+                           ROTARY=model.startswith("llama"), IS_NEOX=True,
                            DOT_PRECISION="tf32", UPCAST=False), plan.num_warps)
             if plan.splits > 1:
                 yield (f"reduce {model} batch {batch}", attention_jit.decode_reduce_kernel,
