@@ -73,3 +73,45 @@ def test_rotary_in_the_kernel_matches_native_rotary_then_attention(
     torch.testing.assert_close(output, expected, rtol=rtol, atol=atol)
     torch.testing.assert_close(caches[1].key, caches[0].key, rtol=rtol, atol=atol)
     assert torch.equal(caches[1].value, caches[0].value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_size", [64, 128])  # Llama-1B, Llama-8B
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_rotary_in_the_kernel_on_gpu(head_size: int, batch: int, is_neox: bool) -> None:
+    """The device's own plan (split, combined in-kernel) in bfloat16 against the rotary kernel
+    followed by the same attention launch without rotary."""
+    from tests.kernels.helpers import GPU_TOLERANCES
+
+    spec = AttentionSpec(32, 8, head_size, head_size ** -0.5)
+    generator = torch.Generator().manual_seed(batch)
+    lengths = torch.randint(1, 2049, (batch,), generator=generator).tolist()
+    max_len = max(lengths) + 2
+    meta = _layout(lengths, max_len)
+    tables, slots = meta.slot_tables.cuda(), meta.slot_mapping.cuda()
+    seq_lens = meta.device_seq_lens().cuda()
+    table = cos_sin_cache(4096, head_size).cuda()
+    positions = (torch.tensor(lengths) - 1).cuda()
+    dtype = torch.bfloat16
+    query = torch.randn(batch, 32 * head_size, device="cuda", dtype=dtype)
+    key, value = (torch.randn(batch, 8 * head_size, device="cuda", dtype=dtype)
+                  for _ in range(2))
+    history = torch.randn(batch * max_len, 8, head_size, device="cuda", dtype=dtype)
+    plan = decode_attention.decode_plan(spec, batch, triton_kernels.device_processors(
+        torch.device("cuda")))
+    outputs, caches = [], []
+    for fold in (False, True):
+        cache = allocate_kv_caches({"l": spec}, batch * max_len, 0, dtype, "cuda")["l"]
+        cache.key.copy_(history)
+        cache.value.copy_(-history)
+        rotary = Rotary(positions, table, is_neox)
+        q, k = (query, key) if fold else decode_attention.rotate(query, key, rotary, head_size)
+        output = torch.full_like(query, float("nan"))
+        decode_attention.launch_decode(q, k, value, output, cache, tables, seq_lens, slots,
+                                       batch, plan, rotary if fold else None)
+        outputs.append(output)
+        caches.append(cache)
+    rtol, atol = GPU_TOLERANCES[dtype]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(caches[1].key, caches[0].key, rtol=rtol, atol=atol)
