@@ -72,8 +72,8 @@ class Layout:
 def _launches(layout: Layout, plans: dict[str, DecodePlan], calls: int, dtype: torch.dtype,
               tolerances: dict) -> None:
     """`calls` launches in a row of each plan, each on fresh query/key/value rows: the fused
-    plan equals the two-launch one bit for bit and native within tolerance, padding rows are
-    zero, the caches agree, and the counters are all zero after every launch."""
+    plan equals the two-launch one (bit for bit where interpreted) and native within tolerance,
+    padding rows are zero, the caches agree, and the counters are all zero after every launch."""
     spec, device, batch = layout.spec, layout.device, len(layout.lengths)
     history = torch.randn(batch * layout.max_len, spec.num_kv_heads, spec.head_size,
                           device=device).to(dtype)
@@ -94,8 +94,11 @@ def _launches(layout: Layout, plans: dict[str, DecodePlan], calls: int, dtype: t
             decode_attention.launch_decode(query, key, value, outputs[name], caches[name],
                                            tables, lengths, slots, layout.rows, plan)
         fused = outputs["fused"]
-        assert torch.equal(fused, outputs["separate"])
         rtol, atol = tolerances[dtype]
+        if device == "cpu":  # interpreted, the shared arithmetic gives the same bits
+            assert torch.equal(fused, outputs["separate"])
+        else:  # on the GPU the two launches' warp counts may order the sums differently
+            torch.testing.assert_close(fused, outputs["separate"], rtol=rtol, atol=atol)
         torch.testing.assert_close(fused[:batch], expected, rtol=rtol, atol=atol)
         assert torch.all(fused[batch:] == 0)
         for cache in caches.values():
