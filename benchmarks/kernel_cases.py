@@ -111,6 +111,9 @@ def attention_case(model: str, shape: ModelShape, batch: int, context: int,
     variants = {"default": (_plan_params(default), run(default))}
     unfused = dataclasses.replace(default, fuse_write=False)
     variants["default-unfused-write"] = (_plan_params(unfused), run(unfused))
+    if default.splits > 1:  # the combine as a second launch (the reduce kernel), not in-kernel
+        separate = dataclasses.replace(default, fuse_reduce=not default.fuse_reduce)
+        variants["default-other-reduce"] = (_plan_params(separate), run(separate))
     group_block = triton_kernels._next_power_of_2(shape.heads // shape.kv_heads)
     if group_block != default.block_g:  # the group unpadded (tl.dot pads small tiles itself)
         narrow = dataclasses.replace(default, block_g=group_block)
@@ -120,7 +123,8 @@ def attention_case(model: str, shape: ModelShape, batch: int, context: int,
         for block_n, num_warps in sweep["blocks"]:
             if splits > 1 and (splits - 1) * block_n >= context:
                 continue  # some splits would get no position at all
-            plan = DecodePlan(splits, block_n, num_warps, default.block_g, default.block_d, True)
+            plan = DecodePlan(splits, block_n, num_warps, default.block_g, default.block_d, True,
+                              default.fuse_reduce)
             variants[f"s{splits}-n{block_n}-w{num_warps}"] = (_plan_params(plan), run(plan))
     def check() -> tuple[Any, Any]:
         expected = torch.empty_like(out)
@@ -152,7 +156,7 @@ def _dense_sdpa(query: torch.Tensor, caches: list[LayerKVCache], shape: ModelSha
 
 def _plan_params(plan: DecodePlan) -> dict[str, Any]:
     return {"splits": plan.splits, "block_n": plan.block_n, "num_warps": plan.num_warps,
-            "fuse_write": plan.fuse_write}
+            "fuse_write": plan.fuse_write, "fuse_reduce": plan.fuse_reduce}
 
 
 def linear_case(model: str, projection: tuple[int, int, str, bool], rows: int,

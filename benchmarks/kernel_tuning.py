@@ -5,7 +5,8 @@ in, Python literals out), so that the sweep's numbers go into the code as they a
   pair with the least total time over the cases (each at its best split count), then the
   programs-per-SM and split cap for which `decode_plan`'s rule picks the fastest split counts,
   whether the fused cache write beats a separate one, and whether unpadded query groups beat
-  groups padded to 16 rows;
+  groups padded to 16 rows, and whether split launches combine in the kernel (the last split
+  program, `fuse_reduce`) faster than in a second, reduce launch (over the cases that split);
 - `GEMV_TUNING` (runtime/kernels/triton_linear.py), per projection shape: the largest swept row
   count up to which the GEMV beats cuBLAS plus the activation's kernel by 3% at every swept row
   count (a row count between two swept ones is taken to win when both do), and the parameters
@@ -82,10 +83,19 @@ def decode_tuning(records: list[dict[str, Any]], processors: int) -> str:
         fused = sum(_named(r, "default") for r in group)
         unfused = sum(_named(r, "default-unfused-write") for r in group)
         narrow = sum(_named(r, "default-narrow-group") for r in group)
+        split = [r for r in group if _named(r, "default-other-reduce") < float("inf")]
+        one_launch = sum(_reduce_form(r, True) for r in split)
         entries.append(f"{head_size}: DecodeTuning(block_n={block_n}, num_warps={num_warps}, "
                        f"programs_per_processor={per_sm}, max_splits={cap}, "
-                       f"fuse_write={fused <= unfused}, min_block_g={1 if narrow < fused else 16})")
+                       f"fuse_write={fused <= unfused}, min_block_g={1 if narrow < fused else 16}"
+                       f", fuse_reduce={one_launch <= sum(_reduce_form(r, False) for r in split)})")
     return "{" + ", ".join(entries) + "}"
+
+
+def _reduce_form(record: dict[str, Any], fused: bool) -> float:
+    """The time of the default plan with the combine in the kernel (`fused`) or in a reduce."""
+    return next((v["us"] for v in _timed(record) if v["name"] in (
+        "default", "default-other-reduce") and v.get("fuse_reduce") == fused), float("inf"))
 
 
 def _named(record: dict[str, Any], name: str) -> float:

@@ -126,8 +126,8 @@ def run_case(case: cases.Case, device: torch.device) -> dict[str, Any]:
                                        f" {error}"[:300]})
             continue
         record["variants"].append({"name": name, **params, "us": us})
-    timed = [v for v in record["variants"] if "us" in v and v["name"] not in (
-        "default-unfused-write", "default-narrow-group")]
+    timed = [v for v in record["variants"] if "us" in v  # the default's own variants aside
+             and not v["name"].startswith("default-")]
     record["default_us"] = next((v["us"] for v in timed if v["name"] == case.default), None)
     record["best"] = min(timed, key=lambda v: v["us"]) if timed else None
     return record

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from passes.base import GraphPass, PassContext, PassResult
 from passes.cleanup import CleanupPass
+from passes.fold_rotary import FoldRotaryPass
 from passes.kernel_choice import KernelChoicePass
 from passes.lift_act_and_mul import LiftActAndMulPass
 from passes.lift_add_layer_norm import LiftAddLayerNormPass
@@ -22,7 +23,9 @@ from passes.sdpa_masks import SdpaMasksPass
 # lift_rms_norm wrote, lift_add_layer_norm those before the norms lift_layer_norm wrote);
 # sdpa_masks converts a boolean mask the layers' SDPA calls share once; linear_epilogue turns
 # the projections left into fxkiln.linear, folding in an activation that is their only reader
-# (the lifted SiLU-and-mul of a fused gate_up too); kernel_choice then binds every dispatch op, lifted or written by the model, to its chosen
+# (the lifted SiLU-and-mul of a fused gate_up too); fold_rotary folds each fxkiln.rotary_embedding
+# that only feeds an attention into it (before kernel_choice, which binds the rotary op to a
+# kernel and the attention op keeps); kernel_choice then binds every dispatch op, lifted or written by the model, to its chosen
 # kernel; cleanup last tidies up after the rewrites before it.
 PASSES: dict[str, type[GraphPass]] = {
     QkvSplitPass.name: QkvSplitPass,
@@ -35,11 +38,13 @@ PASSES: dict[str, type[GraphPass]] = {
     LiftRotaryPass.name: LiftRotaryPass,
     SdpaMasksPass.name: SdpaMasksPass,
     LinearEpiloguePass.name: LinearEpiloguePass,
+    FoldRotaryPass.name: FoldRotaryPass,
     KernelChoicePass.name: KernelChoicePass,
     CleanupPass.name: CleanupPass,
 }
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "qkv_split", "qkv_fuse", "lift_rms_norm", "lift_add_rms_norm", "lift_layer_norm",
-    "lift_add_layer_norm", "lift_act_and_mul", "lift_rotary", "sdpa_masks", "linear_epilogue", "kernel_choice", "cleanup")
+    "lift_add_layer_norm", "lift_act_and_mul", "lift_rotary", "sdpa_masks", "linear_epilogue", "fold_rotary",
+    "kernel_choice", "cleanup")
 
 __all__ = ["DEFAULT_PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult"]

@@ -68,7 +68,8 @@ class KernelChoicePass(GraphPass):
             if op == "attention":  # the splitting op stays; the choice becomes its argument
                 impl = self._choose(node.args[0].meta["val"] if isinstance(node.args[0], fx.Node)
                                     else None, node, op)
-                node.args = (*_positional_args(node, op)[:5], impl.name)
+                args = _positional_args(node, op)  # a folded rotary (positions on) stays
+                node.args = (*args[:5], impl.name, *(args[6:] if args[6] is not None else ()))
                 node.kwargs = {}
                 chosen.setdefault(op, set()).add(impl.name)
                 matches += 1

@@ -16,6 +16,11 @@ only on steps that carry encoder tokens (`num_actual_encoder_tokens > 0`); on de
 have no real rows and the op reads the cached K/V. Rows past the step's real tokens (padding
 added by a runner) are neither computed nor cached; the op writes zeros there.
 
+With `positions` and `cos_sin_cache` (a `fxkiln.rotary_embedding` folded in by the fold_rotary
+pass) query and key arrive unrotated and the op applies RoPE itself (`rotary_head_size` must be
+the layer's head size): the Triton decode kernel of a decoder layer rotates them on load, any
+other step runs the rotary kernel first.
+
 Implementations are registered as the dispatch op "attention" and chosen from the active kernel
 settings ("auto": the highest priority the device supports):
 - "native" (`native_attention`): torch SDPA, one call for a decode step's whole batch (over K/V
@@ -25,8 +30,8 @@ settings ("auto": the highest priority the device supports):
   GQA without copies, so a CUDA graph can hold them. Decode steps
   (`AttentionMetadata.static_decode` or one new token per sequence):
   `runtime.kernels.decode_attention` (one program per sequence, KV head and context split for
-  the whole query group, the step's cache write in the same kernel, a small reduce when the
-  context is split). Every other step (a prefill of many prompts, chunks over a cached prefix,
+  the whole query group, the step's cache write in the same kernel; a split context is combined
+  by its last-arriving split program, or by a small reduce launch where the tuning says so). Every other step (a prefill of many prompts, chunks over a cached prefix,
   chunks mixed with decode tokens): the cache write, then one variable-length attention launch
   for all the step's sequences (`runtime.kernels.varlen_attention_jit`).
 """
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime import registry, settings
-from runtime.forward_context import AttentionMetadata, get_forward_context
+from runtime.forward_context import AttentionMetadata, Rotary, get_forward_context
 from runtime.kernels import native, triton_kernels
 from runtime.kv_cache import AttentionKind, LayerKVCache
 
@@ -57,7 +62,9 @@ class GraphUnsafeAttentionError(RuntimeError):
 
 @torch.library.custom_op("fxkiln::attention", mutates_args=("output",))
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-              layer_name: str, implementation: str = "auto") -> None:
+              layer_name: str, implementation: str = "auto",
+              positions: torch.Tensor | None = None, cos_sin_cache: torch.Tensor | None = None,
+              rotary_head_size: int = 0, rotary_neox: bool = True) -> None:
     """`implementation` "auto" reads the active kernel settings on every call (the eager path);
     the kernel_choice pass writes the chosen name into compiled graphs instead."""
     context = get_forward_context()
@@ -66,28 +73,42 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, outpu
     except KeyError:
         raise LookupError(f"attention layer {layer_name!r} has no entry in the forward context's "
                        f"kv_caches; expected one of {sorted(context.kv_caches)}") from None
+    rotary = None
+    if positions is not None and cos_sin_cache is not None:
+        if rotary_head_size != cache.spec.head_size:
+            raise ValueError(f"attention layer {layer_name!r}: a folded rotary of head size "
+                             f"{rotary_head_size} expected the layer's head size, found "
+                             f"{cache.spec.head_size}")
+        rotary = Rotary(positions, cos_sin_cache, rotary_neox)
     fn = _IMPLEMENTATIONS.get(implementation)
     if fn is None:
         fn = registry.choose_kernel("attention", settings.active_kernel_choice("attention")
                                     if implementation == registry.AUTO else implementation,
                                     query.device, query.dtype).fn
-    fn(query, key, value, output, cache, context.attn_metadata)
+    fn(query, key, value, output, cache, context.attn_metadata, rotary)
 
 
 @attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-      layer_name: str, implementation: str = "auto") -> None:
+      layer_name: str, implementation: str = "auto", positions: torch.Tensor | None = None,
+      cos_sin_cache: torch.Tensor | None = None, rotary_head_size: int = 0,
+      rotary_neox: bool = True) -> None:
     return None
 
 
 def native_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
-    """Reference implementation: write K/V to the cache, then SDPA per sequence into `output`."""
+                     output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
+                     rotary: Rotary | None = None) -> None:
+    """Reference implementation: rotate query and key (`rotary`), write K/V to the cache, then
+    SDPA per sequence into `output`."""
     if meta.static_decode:
         raise GraphUnsafeAttentionError(
             "a captured decode step needs attention that reads its layout from device tensors; "
             "found the native implementation, which reads host lengths (choose 'triton')")
     spec = cache.spec
+    if rotary is not None:
+        query, key = native.rotary_embedding(rotary.positions, query, key, rotary.cos_sin_cache,
+                                             spec.head_size, rotary.is_neox)
     if spec.kind is AttentionKind.ENCODER:
         num_queries, starts = meta.num_actual_encoder_tokens, meta.encoder_query_start_loc
     else:
@@ -181,9 +202,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 
 
 def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> None:
-    """Decode steps through the Triton decode kernels, any other step through the
-    variable-length kernel; both graph-safe."""
+                     output: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
+                     rotary: Rotary | None = None) -> None:
+    """Decode steps through the Triton decode kernels (`rotary` applied inside where it can be),
+    any other step through the rotary kernel (`rotary`) and the variable-length kernel; all
+    graph-safe."""
     spec = cache.spec
     decode_step = meta.static_decode or (meta.is_decode and meta.num_actual_encoder_tokens == 0
                                          and meta.num_seqs > 0)
@@ -191,9 +214,11 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         output.zero_()  # a decode step brings no encoder tokens: these rows are all padding
         return
     if spec.kind is AttentionKind.ENCODER or not decode_step:
+        if rotary is not None:
+            query, key = decode_attention.rotate(query, key, rotary, spec.head_size)
         _launch_varlen(query, key, value, output, cache, meta)
         return
-    decode_attention.decode_step(query, key, value, output, cache, meta)
+    decode_attention.decode_step(query, key, value, output, cache, meta, rotary)
 
 
 def _launch_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

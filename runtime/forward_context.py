@@ -23,6 +23,18 @@ from runtime.kv_cache import LayerKVCache
 
 
 @dataclass(frozen=True)
+class Rotary:
+    """RoPE that an attention op applies to its query and key before attending (a
+    `fxkiln.rotary_embedding` folded into it): the step's positions `(tokens,)`, the
+    `(max_positions, rotary_dim)` table of cos halves then sin halves, and the layout (neox:
+    rotate the two halves of the rotary features; else interleaved pairs)."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    is_neox: bool
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Where this step's tokens go and what they attend to.
 

@@ -11,11 +11,16 @@ from benchmarks.kernel_tuning import decode_tuning, gemv_tuning, suggestions
 
 
 def _attention(batch: int, times: dict[tuple[int, int, int], float], default: float,
-               unfused: float) -> dict[str, Any]:
+               unfused: float, reduce_launch: float | None = None) -> dict[str, Any]:
+    """A sweep record; `reduce_launch`: the default (which combines in the kernel) also timed
+    with a separate reduce launch, as a record of a split default has it."""
     variants = [{"name": f"s{s}-n{n}-w{w}", "splits": s, "block_n": n, "num_warps": w,
                  "fuse_write": True, "us": us} for (s, n, w), us in times.items()]
-    variants += [{"name": "default", "us": default}, {"name": "default-unfused-write",
-                                                      "us": unfused}]
+    variants += [{"name": "default", "fuse_reduce": True, "us": default},
+                 {"name": "default-unfused-write", "us": unfused}]
+    if reduce_launch is not None:
+        variants.append({"name": "default-other-reduce", "fuse_reduce": False,
+                         "us": reduce_launch})
     return {"kernel": "decode_attention", "model": "m", "batch": batch, "context": 256,
             "kv_heads": 8, "head_size": 64, "variants": variants}
 
@@ -23,13 +28,17 @@ def _attention(batch: int, times: dict[tuple[int, int, int], float], default: fl
 def test_decode_tuning_picks_the_blocks_then_the_split_rule() -> None:
     # block 32 wins overall; at batch 1 (8 programs) 8 splits are best, at batch 64 one split
     one = _attention(1, {(1, 32, 4): 9.0, (4, 32, 4): 5.0, (8, 32, 4): 3.0, (16, 32, 4): 4.0,
-                         (8, 64, 4): 3.5, (1, 64, 4): 9.5}, default=4.0, unfused=5.0)
+                         (8, 64, 4): 3.5, (1, 64, 4): 9.5}, default=4.0, unfused=5.0,
+                     reduce_launch=4.5)
     many = _attention(64, {(1, 32, 4): 6.0, (2, 32, 4): 7.0, (1, 64, 4): 6.5}, default=6.0,
                       unfused=6.2)
     text = decode_tuning([one, many], processors=16)
     # 16 SMs x 4 per SM / 8 programs = 8 splits at batch 1; 64 / 512 -> 1 split at batch 64
     assert text == ("{64: DecodeTuning(block_n=32, num_warps=4, programs_per_processor=4, "
-                    "max_splits=8, fuse_write=True, min_block_g=16)}")
+                    "max_splits=8, fuse_write=True, min_block_g=16, fuse_reduce=True)}")
+    # the combine in the kernel is slower: suggested off (only split cases count)
+    slower = _attention(1, {(8, 32, 4): 3.0}, default=4.0, unfused=5.0, reduce_launch=3.5)
+    assert decode_tuning([slower, many], processors=16).endswith("fuse_reduce=False)}")
 
 
 def _linear(rows: int, baseline: float, gemv: dict[tuple[int, int, int], float]

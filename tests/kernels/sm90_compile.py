@@ -38,7 +38,8 @@ BF16 = "*bf16"
 ATTENTION_TYPES = {**{name: BF16 for name in ("out_ptr", "query_ptr", "key_ptr", "value_ptr",
                                               "key_cache_ptr", "value_cache_ptr")},
                    "partial_ptr": "*fp32", "stats_ptr": "*fp32", "tables_ptr": "*i64",
-                   "seq_lens_ptr": "*i32", "slots_ptr": "*i64", "scale": "fp32"}
+                   "seq_lens_ptr": "*i32", "slots_ptr": "*i64", "arrivals_ptr": "*i32",
+                   "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "scale": "fp32"}
 Config = tuple[str, Any, dict[str, str], dict[str, Any], int]  # label, kernel, types, consts, warps
 ALIGNED_SIZES = ("hidden", "head_size", "half_rotary")  # multiples of 16 in these models
 
@@ -78,17 +79,21 @@ def configs() -> Iterator[Config]:
         spec = AttentionSpec(heads, kv_heads, head_size, head_size ** -0.5)
         for batch in (1, 64):
             plan = decode_attention.decode_plan(spec, batch, PROCESSORS)
-            yield (f"attention {model} batch {batch}",
-                   attention_jit.grouped_decode_attention_kernel, ATTENTION_TYPES, dict(
-                       NUM_HEADS=heads, GROUP=heads // kv_heads, HEAD_SIZE=head_size,
-                       KV_ROW=kv_heads * head_size, BLOCK_G=plan.block_g, BLOCK_D=plan.block_d,
-                       BLOCK_N=plan.block_n, PARTIAL=plan.splits > 1, WRITE_NEW=plan.fuse_write,
-                       DOT_PRECISION="tf32", UPCAST=False), plan.num_warps)
+            block_s = triton_kernels._next_power_of_2(plan.splits)
+            for combine in (False, True) if plan.splits > 1 else (False,):
+                yield (f"attention {model} batch {batch}" + (" combining" if combine else ""),
+                       attention_jit.grouped_decode_attention_kernel, ATTENTION_TYPES, dict(
+                           NUM_HEADS=heads, GROUP=heads // kv_heads, HEAD_SIZE=head_size,
+                           KV_ROW=kv_heads * head_size, BLOCK_G=plan.block_g,
+                           BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, PARTIAL=plan.splits > 1,
+                           COMBINE=combine, BLOCK_S=block_s, WRITE_NEW=plan.fuse_write,
+                           ROTARY=model.startswith("llama"), IS_NEOX=True,
+                           DOT_PRECISION="tf32", UPCAST=False), plan.num_warps)
             if plan.splits > 1:
                 yield (f"reduce {model} batch {batch}", attention_jit.decode_reduce_kernel,
                        {"out_ptr": BF16, "partial_ptr": "*fp32", "stats_ptr": "*fp32"},
                        dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=plan.block_d,
-                            BLOCK_S=triton_kernels._next_power_of_2(plan.splits)),
+                            BLOCK_S=block_s),
                        decode_attention.reduce_warps(plan))
         yield from _varlen(model, heads, kv_heads, head_size)
         block, warps = triton_kernels._norm_constants(torch.empty(1, hidden))
