@@ -62,7 +62,7 @@ class LiftCacheAttentionPass(GraphPass):
         getitem_1 = l_v_cache_[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
         expand_1 = getitem_1.expand(1, 2, 2, 8, 16)
         value = expand_1.reshape(1, 4, 8, 16)
-        scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, key, value, attn_mask = l_mask_, dropout_p = 0.0, scale = 0.25, is_causal = False)
+        scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, key, value, attn_mask = l_mask_, scale = 0.25, dropout_p = 0.0, is_causal = False)
         return (scaled_dot_product_attention,)
     After:
         index_copy_ = l_k_cache_.index_copy_(2, l_position_, l_k_)
@@ -75,7 +75,8 @@ class LiftCacheAttentionPass(GraphPass):
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         matches = 0
-        for function in SDPA_FUNCTIONS:
+        for function in dict.fromkeys(SDPA_FUNCTIONS):  # F.scaled_dot_product_attention is
+            # torch._C._nn's
             for node in list(gm.graph.find_nodes(op="call_function", target=function)):
                 found = self.applies(node)
                 if found is None:
@@ -155,6 +156,7 @@ def _rewrite(graph: fx.Graph, found: CacheAttention) -> None:
     with graph.inserting_before(found.sdpa):
         op = graph.call_function(CACHE_ATTENTION, (found.query, found.key_cache,
                                                    found.value_cache, found.mask, found.scale))
+    op.meta.update(found.sdpa.meta)  # the same shape and dtype: a later match reads them
     repeats = _repeats(found.sdpa)
     found.sdpa.replace_all_uses_with(op)
     graph.erase_node(found.sdpa)
