@@ -25,8 +25,14 @@ logger = logging.getLogger(__name__)
 # broadcasting to (b, heads, q, L) over all L positions. Between the repeat's copy and the
 # SDPA nothing may write: the op reads the cache where the SDPA is.
 # What it writes: cache_attention(query, key_cache, value_cache, mask, scale), the repeats
-# erased; the cache writes before it (index_copy_) stay as they are.
+# erased; the cache writes before it (index_copy_) stay as they are. Except the decode step's
+# (one query): when the last writes into both caches before the SDPA are
+# `cache.index_copy_(2, position, new)` of one position, whose results nobody reads, and
+# nothing reads or writes the caches between them and the SDPA (the repeats aside), the writes
+# fold into the op: cache_update_attention(query, key, value, position, key_cache, value_cache,
+# mask, scale), which writes then reads, where the SDPA was.
 CACHE_ATTENTION = torch.ops.fxkiln.cache_attention.default
+CACHE_UPDATE_ATTENTION = torch.ops.fxkiln.cache_update_attention.default
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class CacheAttention:
     value_cache: fx.Node
     mask: fx.Node | None
     scale: float
+    writes: tuple[fx.Node, fx.Node] | None = None  # the index_copy_ of each cache it folds in
 
 
 class LiftCacheAttentionPass(GraphPass):
@@ -65,10 +72,8 @@ class LiftCacheAttentionPass(GraphPass):
         scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, key, value, attn_mask = l_mask_, scale = 0.25, dropout_p = 0.0, is_causal = False)
         return (scaled_dot_product_attention,)
     After:
-        index_copy_ = l_k_cache_.index_copy_(2, l_position_, l_k_)
-        index_copy__1 = l_v_cache_.index_copy_(2, l_position_, l_v_)
-        cache_attention_default = torch.ops.fxkiln.cache_attention.default(l_q_, l_k_cache_, l_v_cache_, l_mask_, 0.25)
-        return (cache_attention_default,)
+        cache_update_attention_default = torch.ops.fxkiln.cache_update_attention.default(l_q_, l_k_, l_v_, l_position_, l_k_cache_, l_v_cache_, l_mask_, 0.25)
+        return (cache_update_attention_default,)
     """
 
     name = "lift_cache_attention"
@@ -104,7 +109,7 @@ class LiftCacheAttentionPass(GraphPass):
         if any(_written_between(repeat, node) for repeat in _repeats(node)):
             return None
         return CacheAttention(node, match.query, match.key, match.value, match.mask,
-                              match.scale)
+                              match.scale, _foldable_writes(match))
 
 
 def _shapes_apply(match: AttentionMatch) -> bool:
@@ -152,10 +157,98 @@ def _written_between(start: fx.Node, end: fx.Node) -> bool:
     return False
 
 
+def _foldable_writes(match: AttentionMatch) -> tuple[fx.Node, fx.Node] | None:
+    """The index_copy_ of one position into the key cache and into the value cache that the
+    attention reads right after (see the module), or None."""
+    query = tensor_meta(match.query)
+    if query is None or query.shape[2] != 1:
+        return None
+    writes_ = (_last_write(match.key, match.output), _last_write(match.value, match.output))
+    if writes_[0] is None or writes_[1] is None or writes_[0] is writes_[1]:
+        return None
+    key_write, value_write = writes_
+    position = key_write.args[2]
+    if value_write.args[2] is not position or any(w.users for w in writes_):
+        return None
+    index = tensor_meta(position)
+    if index is None or tuple(index.shape) != (1,) or index.dtype != torch.int64:
+        return None
+    for write, cache in zip(writes_, (match.key, match.value)):
+        new, cache_value = tensor_meta(write.args[3]), tensor_meta(cache)
+        if new is None or cache_value is None or new.dtype != cache_value.dtype or \
+                tuple(new.shape) != (*cache_value.shape[:2], 1, cache_value.shape[3]):
+            return None
+    first = min(writes_, key=_position)
+    if _touched_between(first, match.output, (match.key, match.value), set(writes_)):
+        return None
+    return key_write, value_write
+
+
+def _last_write(cache: fx.Node, before: fx.Node) -> fx.Node | None:
+    """The last `cache.index_copy_(2, position, new)` before `before`, if the last node before
+    it that writes into `cache` is one."""
+    node = before.prev
+    while node.op != "root" and node is not cache:
+        if node.op == "call_method" and node.target == "index_copy_" and node.args[0] is cache \
+                and len(node.args) == 4 and not node.kwargs and node.args[1] in (2, -2) and \
+                all(isinstance(a, fx.Node) for a in node.args[2:]):
+            return node
+        if cache in node.all_input_nodes and writes(node):
+            return None
+        node = node.prev
+    return None
+
+
+def _touched_between(start: fx.Node, end: fx.Node, caches: tuple[fx.Node, ...],
+                     allowed: set[fx.Node]) -> bool:
+    """Some node after `start` and before `end`, but for `allowed` and the SDPA's repeats of
+    the caches, reads a cache or a tensor made from one (views included)."""
+    made_from = set(caches)
+    for node in caches:
+        _collect_users(node, end, made_from)
+    repeats = set()
+    for repeat in _repeats(end):
+        repeats |= _chain(repeat)
+    node = start.next
+    while node is not end:
+        if node not in allowed and node not in repeats and \
+                any(arg in made_from for arg in node.all_input_nodes):
+            return True
+        node = node.next
+    return False
+
+
+def _collect_users(node: fx.Node, end: fx.Node, found: set[fx.Node]) -> None:
+    for user in node.users:
+        if user is not end and user not in found:
+            found.add(user)
+            _collect_users(user, end, found)
+
+
+def _chain(repeat: fx.Node) -> set[fx.Node]:
+    """A repeat's nodes: the reshape back to its graph input."""
+    chain, node = set(), repeat
+    while node.op != "placeholder":
+        chain.add(node)
+        assert isinstance(node.args[0], fx.Node)
+        node = node.args[0]
+    return chain
+
+
+def _position(node: fx.Node) -> int:
+    return next(i for i, n in enumerate(node.graph.nodes) if n is node)
+
+
 def _rewrite(graph: fx.Graph, found: CacheAttention) -> None:
     with graph.inserting_before(found.sdpa):
-        op = graph.call_function(CACHE_ATTENTION, (found.query, found.key_cache,
-                                                   found.value_cache, found.mask, found.scale))
+        if found.writes is None:
+            op = graph.call_function(CACHE_ATTENTION, (
+                found.query, found.key_cache, found.value_cache, found.mask, found.scale))
+        else:
+            key_write, value_write = found.writes
+            op = graph.call_function(CACHE_UPDATE_ATTENTION, (
+                found.query, key_write.args[3], value_write.args[3], key_write.args[2],
+                found.key_cache, found.value_cache, found.mask, found.scale))
     op.meta.update(found.sdpa.meta)  # the same shape and dtype: a later match reads them
     repeats = _repeats(found.sdpa)
     found.sdpa.replace_all_uses_with(op)
@@ -167,3 +260,5 @@ def _rewrite(graph: fx.Graph, found: CacheAttention) -> None:
             graph.erase_node(node)
             assert isinstance(source, fx.Node)
             node = source
+    for write in found.writes or ():
+        graph.erase_node(write)

@@ -18,7 +18,7 @@ from runtime.kernels.native import LINEAR_ACTIVATIONS
 
 DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "layer_norm", "fused_add_layer_norm",
                 "silu_and_mul", "gelu_and_mul", "rotary_embedding", "rotary_cos_sin", "linear",
-                "cache_attention")
+                "cache_attention", "cache_update_attention")
 
 
 def _dispatch(op: str, x: torch.Tensor, *args: Any) -> Any:
@@ -177,6 +177,33 @@ def cache_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 def _(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
       mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     return query.new_empty(query.shape)
+
+
+@torch.library.custom_op("fxkiln::cache_update_attention",
+                         mutates_args=("key_cache", "value_cache"))
+def cache_update_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           position: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, mask: torch.Tensor | None,
+                           scale: float) -> torch.Tensor:
+    """`key_cache.index_copy_(2, position, key)`, the same for value, then cache_attention over
+    the caches: a StaticCache layer's update and attention in one op."""
+    return _dispatch("cache_update_attention", query, query, key, value, position, key_cache,
+                     value_cache, mask, scale)
+
+
+@cache_update_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor,
+      key_cache: torch.Tensor, value_cache: torch.Tensor, mask: torch.Tensor | None,
+      scale: float) -> torch.Tensor:
+    return query.new_empty(query.shape)
+
+
+@register_flop_formula(torch.ops.fxkiln.cache_update_attention)
+def _cache_update_attention_flops(query_shape: torch.Size, key_shape: torch.Size,
+                                  value_shape: torch.Size, position_shape: torch.Size,
+                                  key_cache_shape: torch.Size, value_cache_shape: torch.Size,
+                                  *args: object, **kwargs: object) -> int:
+    return sdpa_flop_count(query_shape, key_cache_shape, value_cache_shape)
 
 
 @register_flop_formula(torch.ops.fxkiln.cache_attention)

@@ -149,10 +149,8 @@ value = expand_1.reshape(1, 4, 8, 16)
 scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, key, value, attn_mask = l_mask_, scale = 0.25, dropout_p = 0.0, is_causal = False)
 return (scaled_dot_product_attention,)"""
 GOLDEN_AFTER = """\
-index_copy_ = l_k_cache_.index_copy_(2, l_position_, l_k_)
-index_copy__1 = l_v_cache_.index_copy_(2, l_position_, l_v_)
-cache_attention_default = torch.ops.fxkiln.cache_attention.default(l_q_, l_k_cache_, l_v_cache_, l_mask_, 0.25)
-return (cache_attention_default,)"""
+cache_update_attention_default = torch.ops.fxkiln.cache_update_attention.default(l_q_, l_k_, l_v_, l_position_, l_k_cache_, l_v_cache_, l_mask_, 0.25)
+return (cache_update_attention_default,)"""
 
 
 def _body(gm: fx.GraphModule) -> str:
@@ -180,8 +178,9 @@ def test_golden_graphs_are_in_the_docstring() -> None:
 
 
 @pytest.mark.parametrize("group", [1, 4])
-def test_op_counts_of_two_layers_with_and_without_a_repeat(group: int) -> None:
-    inputs = step_inputs(group=group)
+@pytest.mark.parametrize("queries", [1, 2], ids=["decode", "prefill"])
+def test_op_counts_of_two_layers_with_and_without_a_repeat(group: int, queries: int) -> None:
+    inputs = step_inputs(group=group, queries=queries)
     inputs += [torch.randn(inputs[1].shape), torch.randn(inputs[2].shape)]
     graph = Captured(TwoLayers(group), inputs)
     before = op_counts(graph.gm)
@@ -190,9 +189,12 @@ def test_op_counts_of_two_layers_with_and_without_a_repeat(group: int) -> None:
     assert before["index_copy_"] == 4
     result = graph.run_pass()
     after = op_counts(graph.gm)
-    assert result.matches == 2 and after["cache_attention.default"] == 2
+    assert result.matches == 2
     assert after[SDPA] == after["expand"] == after["reshape"] == after["getitem"] == 0
-    assert after["index_copy_"] == 4  # every cache write stays
+    if queries == 1:  # a decode step: each layer's cache writes fold into its attention
+        assert after["cache_update_attention.default"] == 2 and after["index_copy_"] == 0
+    else:  # a prefill: the writes stay, cache_attention reads what they wrote
+        assert after["cache_attention.default"] == 2 and after["index_copy_"] == 4
 
 
 MUST_NOT_REWRITE: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
@@ -243,6 +245,45 @@ def test_must_not_rewrite(case: str) -> None:
     code = graph.gm.code
     result = graph.run_pass()
     assert not result.modified and result.matches == 0 and graph.gm.code == code
+
+
+class ReadBetween(CacheLayer):
+    """The key cache is read (summed) between its write and the attention."""
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor, position: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        k_cache.index_copy_(2, position, k)
+        v_cache.index_copy_(2, position, v)
+        total = k_cache.sum()
+        key, value = repeat_kv(k_cache, self.group), repeat_kv(v_cache, self.group)
+        return F.scaled_dot_product_attention(q, key, value, attn_mask=mask,
+                                              scale=self.scale) + total
+
+
+class TwoPositions(CacheLayer):
+    """This step's key written at two positions (a write the decode kernel does not make)."""
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor, position: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        two = torch.cat((position, position - 1))
+        return super().forward(q, k_cache, v_cache, k.expand(-1, -1, 2, -1),
+                               v.expand(-1, -1, 2, -1), two, mask)
+
+
+@pytest.mark.parametrize("case", ["a read between", "two positions"])
+def test_writes_that_cannot_fold_stay_before_cache_attention(case: str) -> None:
+    module = ReadBetween(2) if case == "a read between" else TwoPositions(2)
+    graph = Captured(module, step_inputs())
+    expected, expected_inputs = graph.run()
+    assert graph.run_pass().matches == 1
+    after = op_counts(graph.gm)
+    assert after["cache_attention.default"] == 1 and after["index_copy_"] == 2
+    assert "cache_update_attention.default" not in after
+    actual, actual_inputs = graph.run()
+    assert torch.equal(actual, expected)
+    assert all(torch.equal(a, b) for a, b in zip(actual_inputs[1:3], expected_inputs[1:3]))
 
 
 @settings(max_examples=8)

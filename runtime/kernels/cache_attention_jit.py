@@ -15,7 +15,10 @@ NO_MASK, BOOL_MASK, ADDITIVE_MASK = tl.constexpr(0), tl.constexpr(1), tl.constex
 @triton.jit
 def cache_attention_kernel(
     out_ptr, partial_ptr, stats_ptr, query_ptr, key_ptr, value_ptr, mask_ptr,
+    new_key_ptr, new_value_ptr, position_ptr,
     query_stride0, query_stride1, query_stride3,
+    new_key_stride0, new_key_stride1, new_key_stride3,
+    new_value_stride0, new_value_stride1, new_value_stride3,
     key_stride0, key_stride1, key_stride2, key_stride3,
     value_stride0, value_stride1, value_stride2, value_stride3,
     mask_stride0, mask_stride1, mask_stride3,
@@ -23,7 +26,8 @@ def cache_attention_kernel(
     CACHE_LEN: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_KIND: tl.constexpr, WRITE_NEW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Program (batch row, KV head, split): the KV head's GROUP query heads over the split's
     positions [split * CHUNK, (split + 1) * CHUNK) of the cache, each K/V row loaded once per
@@ -32,8 +36,11 @@ def cache_attention_kernel(
     to the scaled scores; a block that no query head of the group may attend (all false, all
     -inf) loads no K/V. A query head with no position to attend gets a zero row (SDPA's safe
     softmax). Online softmax in float32; one split writes the output, several write partials
-    (acc, running max, running sum) for the reduce. UPCAST: products in float32 (Triton's CPU
-    interpreter has no bfloat16 arithmetic)."""
+    (acc, running max, running sum) for the reduce. WRITE_NEW: first the cache takes this
+    step's key and value (batch, kv_heads, 1, head_dim) at position position_ptr[0], written
+    by the split that holds the position (none when it is outside the cache), then the cache
+    is read: index_copy_ and the attention in one launch. UPCAST: products in float32
+    (Triton's CPU interpreter has no bfloat16 arithmetic)."""
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -53,6 +60,19 @@ def cache_attention_kernel(
     running_sum = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     lo = split * CHUNK
+    if WRITE_NEW:
+        position = tl.load(position_ptr).to(tl.int32)
+        if (position >= lo) & (position < lo + CHUNK) & (position < CACHE_LEN):
+            new_key = tl.load(new_key_ptr + row * new_key_stride0 + kv_head * new_key_stride1
+                              + dims * new_key_stride3, mask=dim_mask)
+            new_value = tl.load(new_value_ptr + row * new_value_stride0
+                                + kv_head * new_value_stride1 + dims * new_value_stride3,
+                                mask=dim_mask)
+            tl.store(key_base + position * key_stride2 + dims * key_stride3, new_key,
+                     mask=dim_mask)
+            tl.store(value_base + position * value_stride2 + dims * value_stride3, new_value,
+                     mask=dim_mask)
+        tl.debug_barrier()  # the program's threads read the rows it wrote
     for offset in range(0, CHUNK, BLOCK_N):
         positions = lo + offset + tl.arange(0, BLOCK_N)                        # (BLOCK_N,)
         in_cache = head_mask[:, None] & (positions < CACHE_LEN)[None, :]       # (BLOCK_G, BLOCK_N)

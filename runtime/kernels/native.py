@@ -85,6 +85,20 @@ def cache_attention(
                                           scale=scale).contiguous()
 
 
+@register_kernel("cache_update_attention", "native", supports=_everywhere)
+def cache_update_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # key, value (b, kv, q, d)
+    position: torch.Tensor,     # (q,) positions of the caches to write
+    key_cache: torch.Tensor, value_cache: torch.Tensor, mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """A StaticCache layer's update (index_copy_ of this step's key and value), then
+    cache_attention over it: what the graph did."""
+    key_cache.index_copy_(2, position, key)
+    value_cache.index_copy_(2, position, value)
+    return cache_attention(query, key_cache, value_cache, mask, scale)
+
+
 def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     """(batch, kv_heads, length, dim) -> (batch, kv_heads * group, length, dim), each head
     `group` times in a row (Hugging Face's repeat_kv; `x` itself when group is 1)."""

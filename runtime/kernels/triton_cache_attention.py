@@ -92,12 +92,50 @@ def _mask_kind(mask: torch.Tensor | None) -> int:
 
 
 def cache_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                    mask: torch.Tensor | None, scale: float, splits: int, chunk: int,
-                    block_n: int, block_g: int, block_d: int, num_warps: int,
-                    reduce_num_warps: int) -> torch.Tensor:
+                    mask: torch.Tensor | None, scale: float, *plan: int) -> torch.Tensor:
+    """`plan`: the fields of the call's CachePlan (from `cache_attention_constants`)."""
     observed = isinstance(query, FakeTensor) or _get_current_dispatch_mode() is not None
     if observed or query.shape[2] != 1:
         return native.cache_attention(query, key_cache, value_cache, mask, scale)
+    return _launch(query, key_cache, value_cache, mask, scale, CachePlan(*plan), None)
+
+
+def cache_update_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           position: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                           *plan: int) -> torch.Tensor:
+    """The caches take key and value at `position`, then cache_attention reads them: one
+    launch. The caches' version counters move as index_copy_ moves them (the runners see
+    in-place writes by them)."""
+    observed = isinstance(query, FakeTensor) or _get_current_dispatch_mode() is not None
+    if observed or query.shape[2] != 1:
+        return native.cache_update_attention(query, key, value, position, key_cache,
+                                             value_cache, mask, scale)
+    out = _launch(query, key_cache, value_cache, mask, scale, CachePlan(*plan),
+                  (key, value, position))
+    torch.autograd.graph.increment_version((key_cache, value_cache))
+    return out
+
+
+def cache_update_constants(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           position: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, mask: torch.Tensor | None,
+                           scale: float) -> tuple[int, ...]:
+    """cache_attention's plan; this step's key and value must be one position of the caches'."""
+    wanted = (*key_cache.shape[:2], 1, key_cache.shape[3])
+    if tuple(key.shape) != wanted or tuple(value.shape) != wanted or \
+            tuple(position.shape) != (1,):
+        raise ValueError(f"triton cache_update_attention: expected key and value {wanted} at "
+                         f"one position, found {tuple(key.shape)}, {tuple(value.shape)} at "
+                         f"positions of shape {tuple(position.shape)}")
+    return cache_attention_constants(query, key_cache, value_cache, mask, scale)
+
+
+def _launch(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+            mask: torch.Tensor | None, scale: float, plan: CachePlan,
+            new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The kernel (and the reduce of its splits) for one query token; `new`: (key, value,
+    position) to write into the caches first."""
     batch, heads, _, head_dim = query.shape
     kv_heads, cache_len = key_cache.shape[1], key_cache.shape[2]
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -107,33 +145,40 @@ def cache_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         mask, (batch, heads, 1, cache_len))
     if mask is not None and mask.dtype == torch.bool:
         mask_view = mask_view.view(torch.uint8)
+    new_key, new_value, position = new if new is not None else (query, query, query)
     partial = stats = out
     stats_plane = 0
-    if splits > 1:
-        partial = torch.empty((batch, heads, splits, head_dim), dtype=torch.float32,
+    if plan.splits > 1:
+        partial = torch.empty((batch, heads, plan.splits, head_dim), dtype=torch.float32,
                               device=query.device)
-        stats = torch.empty((2, batch, heads, splits), dtype=torch.float32,
+        stats = torch.empty((2, batch, heads, plan.splits), dtype=torch.float32,
                             device=query.device)  # running maxima, then running sums
         stats_plane = stats.stride(0)
     interpreted = triton_kernels.interpreter_active()
     mask_strides = mask_view.stride()
-    cache_attention_jit.cache_attention_kernel[(batch, kv_heads, splits)](
-        out, partial, stats, query, key_cache, value_cache, mask_view,
-        query.stride(0), query.stride(1), query.stride(3), *key_cache.stride(),
-        *value_cache.stride(), mask_strides[0], mask_strides[1], mask_strides[3],
-        out.stride(0), stats_plane, scale, CACHE_LEN=cache_len, CHUNK=chunk, SPLITS=splits,
-        NUM_HEADS=heads, GROUP=heads // kv_heads, HEAD_SIZE=head_dim, BLOCK_G=block_g,
-        BLOCK_D=block_d, BLOCK_N=block_n, MASK_KIND=_mask_kind(mask),
+    cache_attention_jit.cache_attention_kernel[(batch, kv_heads, plan.splits)](
+        out, partial, stats, query, key_cache, value_cache, mask_view, new_key, new_value,
+        position, query.stride(0), query.stride(1), query.stride(3), new_key.stride(0),
+        new_key.stride(1), new_key.stride(3), new_value.stride(0), new_value.stride(1),
+        new_value.stride(3), *key_cache.stride(), *value_cache.stride(), mask_strides[0],
+        mask_strides[1], mask_strides[3], out.stride(0), stats_plane, scale,
+        CACHE_LEN=cache_len, CHUNK=plan.chunk, SPLITS=plan.splits, NUM_HEADS=heads,
+        GROUP=heads // kv_heads, HEAD_SIZE=head_dim, BLOCK_G=plan.block_g,
+        BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, MASK_KIND=_mask_kind(mask),
+        WRITE_NEW=new is not None,
         DOT_PRECISION="ieee" if interpreted or query.dtype == torch.float32 else "tf32",
-        UPCAST=interpreted, num_warps=num_warps)
-    if splits > 1:
+        UPCAST=interpreted, num_warps=plan.num_warps)
+    if plan.splits > 1:
         attention_jit.decode_reduce_kernel[(batch, heads)](
-            out, partial, stats, out.stride(0), stats_plane, splits, NUM_HEADS=heads,
-            HEAD_SIZE=head_dim, BLOCK_S=_next_power_of_2(splits), BLOCK_D=block_d,
-            num_warps=reduce_num_warps)
+            out, partial, stats, out.stride(0), stats_plane, plan.splits, NUM_HEADS=heads,
+            HEAD_SIZE=head_dim, BLOCK_S=_next_power_of_2(plan.splits), BLOCK_D=plan.block_d,
+            num_warps=plan.reduce_warps)
     return out
 
 
-register_kernel("cache_attention", "triton", supports=triton_kernels.supports,
-                priority=triton_kernels.priority,
-                launch_constants=cache_attention_constants)(cache_attention)
+for _op, _fn, _constants in (
+    ("cache_attention", cache_attention, cache_attention_constants),
+    ("cache_update_attention", cache_update_attention, cache_update_constants),
+):
+    register_kernel(_op, "triton", supports=triton_kernels.supports,
+                    priority=triton_kernels.priority, launch_constants=_constants)(_fn)

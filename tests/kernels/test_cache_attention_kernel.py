@@ -77,6 +77,32 @@ def test_kernel_matches_the_twin(batch: int, kv_heads: int, group: int, cache_le
 
 
 @needs_interpreter
+@settings(max_examples=8)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
+       cache_len=st.integers(1, 150), mask=st.sampled_from(MASKS), data=st.data(),
+       seed=st.integers(0, 2**16))
+def test_update_writes_the_step_then_reads_it_as_index_copy_and_the_twin_do(
+        batch: int, kv_heads: int, group: int, cache_len: int, mask: str, data: st.DataObject,
+        seed: int) -> None:
+    query, key_cache, value_cache, mask_value, scale = attention_args(
+        batch, kv_heads, group, cache_len, 8, mask, torch.float32, "cpu", seed)
+    position = torch.tensor([data.draw(st.integers(0, cache_len - 1), label="position")])
+    new_key, new_value = (torch.randn(batch, kv_heads, 1, 8) for _ in range(2))
+    triton, native = (kernel_implementations("cache_update_attention")[name] for name in
+                      ("triton", "native"))
+    caches = {name: (key_cache.clone(), value_cache.clone()) for name in ("triton", "native")}
+    versions = [cache._version for cache in caches["triton"]]
+    args = {name: (query, new_key, new_value, position, *caches[name], mask_value, scale)
+            for name in caches}
+    actual = triton.fn(*triton.call_args(args["triton"]))
+    expected = native.fn(*args["native"])
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    for written, reference in zip(caches["triton"], caches["native"]):
+        assert torch.equal(written, reference)
+    assert [cache._version for cache in caches["triton"]] == [v + 1 for v in versions]
+
+
+@needs_interpreter
 def test_splits_and_fully_masked_rows() -> None:
     """Several splits of 64 positions, reduced; row 0 attends nothing and gets zeros, as SDPA's
     safe softmax gives; every block of it is skipped."""
@@ -130,6 +156,24 @@ def test_kernel_matches_the_twin_in_bfloat16_on_gpu(shape: tuple[int, ...], mask
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("position", [0, 100, 260])
+def test_update_matches_index_copy_and_the_twin_in_bfloat16_on_gpu(position: int) -> None:
+    query, key_cache, value_cache, mask, scale = attention_args(
+        2, 8, 4, 261, 64, "bool", torch.bfloat16, "cuda", seed=position, dead_row=False)
+    new = [torch.randn(2, 8, 1, 64, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    at = torch.tensor([position], device="cuda")
+    triton, native = (kernel_implementations("cache_update_attention")[name] for name in
+                      ("triton", "native"))
+    caches = {name: (key_cache.clone(), value_cache.clone()) for name in ("triton", "native")}
+    args = {name: (query, *new, at, *caches[name], mask, scale) for name in caches}
+    actual = triton.fn(*triton.call_args(args["triton"]))
+    expected = native.fn(*args["native"])
+    rtol, atol = GPU_TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    assert all(torch.equal(a, b) for a, b in zip(caches["triton"], caches["native"]))
+
+
+@pytest.mark.gpu
 def test_auto_prefers_triton_on_gpu() -> None:
-    assert choose_kernel("cache_attention", "auto", torch.device("cuda"),
-                         torch.bfloat16).name == "triton"
+    for op in ("cache_attention", "cache_update_attention"):
+        assert choose_kernel(op, "auto", torch.device("cuda"), torch.bfloat16).name == "triton"
