@@ -59,6 +59,10 @@ class LiftCacheAttentionPass(GraphPass):
     native twin is the repeat and SDPA the graph had. The graph holds the same writes as before.
     An attention whose key or value is not a graph input (or its repeat), with a dropout,
     is_causal, enable_gqa, a mask of another shape or dtype, or symbolic sizes is left alone.
+    In a decode step (one query token) the layer's cache writes of this step's key and value
+    fold into the op too (cache_update_attention: one launch writes, then reads), unless
+    something reads or writes the caches between them and the attention; a prefill's writes
+    stay where they are, before cache_attention.
 
     Before (the golden test's graph):
         index_copy_ = l_k_cache_.index_copy_(2, l_position_, l_k_)
@@ -161,8 +165,8 @@ def _foldable_writes(match: AttentionMatch) -> tuple[fx.Node, fx.Node] | None:
     """The index_copy_ of one position into the key cache and into the value cache that the
     attention reads right after (see the module), or None."""
     query = tensor_meta(match.query)
-    if query is None or query.shape[2] != 1:
-        return None
+    if query is None or query.shape[2] != 1 or not match.output.users:
+        return None  # (an op that writes must have a reader: kernel_choice's call is not impure)
     writes_ = (_last_write(match.key, match.output), _last_write(match.value, match.output))
     if writes_[0] is None or writes_[1] is None or writes_[0] is writes_[1]:
         return None

@@ -1,5 +1,7 @@
-"""Triton implementation of `fxkiln.cache_attention`, registered as "triton": a decode kernel
-for one query token over a StaticCache layer, read in place with grouped-query heads.
+"""Triton implementations of `fxkiln.cache_attention` and `fxkiln.cache_update_attention`,
+registered as "triton": a decode kernel for one query token over a StaticCache layer, read in
+place with grouped-query heads; the update writes this step's key and value into the caches
+in the same launch first (`cache_attention_jit`'s WRITE_NEW).
 
 The plan (`cache_attention_constants`: splits of the cache, positions per split and per block,
 padded group and head sizes, warps) depends only on static shapes and the device, so the
