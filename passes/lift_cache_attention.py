@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 # erased; the cache writes before it (index_copy_) stay as they are. Except the decode step's
 # (one query): when the last writes into both caches before the SDPA are
 # `cache.index_copy_(2, position, new)` of one position, whose results nobody reads, and
-# nothing reads or writes the caches between them and the SDPA (the repeats aside), the writes
-# fold into the op: cache_update_attention(query, key, value, position, key_cache, value_cache,
-# mask, scale), which writes then reads, where the SDPA was.
+# between them and the SDPA nothing writes and nothing reads the caches (the repeats aside),
+# the writes fold into the op: cache_update_attention(query, key, value, position, key_cache,
+# value_cache, mask, scale), which writes then reads, where the SDPA was.
 CACHE_ATTENTION = torch.ops.fxkiln.cache_attention.default
 CACHE_UPDATE_ATTENTION = torch.ops.fxkiln.cache_update_attention.default
 
@@ -206,7 +206,8 @@ def _last_write(cache: fx.Node, before: fx.Node) -> fx.Node | None:
 def _touched_between(start: fx.Node, end: fx.Node, caches: tuple[fx.Node, ...],
                      allowed: set[fx.Node]) -> bool:
     """Some node after `start` and before `end`, but for `allowed` and the SDPA's repeats of
-    the caches, reads a cache or a tensor made from one (views included)."""
+    the caches, writes (the folded writes read their position and new rows later) or reads a
+    cache or a tensor made from one (views included)."""
     made_from = set(caches)
     for node in caches:
         _collect_users(node, end, made_from)
@@ -215,8 +216,8 @@ def _touched_between(start: fx.Node, end: fx.Node, caches: tuple[fx.Node, ...],
         repeats |= _chain(repeat)
     node = start.next
     while node is not end:
-        if node not in allowed and node not in repeats and \
-                any(arg in made_from for arg in node.all_input_nodes):
+        if node not in allowed and node not in repeats and (
+                writes(node) or any(arg in made_from for arg in node.all_input_nodes)):
             return True
         node = node.next
     return False

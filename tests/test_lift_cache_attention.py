@@ -83,10 +83,9 @@ def step_inputs(batch: int = 1, kv_heads: int = 2, group: int = 2, cache_len: in
     keep[0, ..., : int(torch.randint(0, filled - queries + 1, (), generator=generator))] = False
     masks = {"bool": keep, "none": None,
              "float": torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))}
-    return [randn(batch, queries, heads, head_dim).transpose(1, 2),
-            randn(batch, kv_heads, cache_len, head_dim), randn(batch, kv_heads, cache_len, head_dim),
-            randn(batch, kv_heads, queries, head_dim), randn(batch, kv_heads, queries, head_dim),
-            position, masks[mask]]
+    cache, step = (batch, kv_heads, cache_len, head_dim), (batch, kv_heads, queries, head_dim)
+    return [randn(batch, queries, heads, head_dim).transpose(1, 2), randn(*cache),
+            randn(*cache), randn(*step), randn(*step), position, masks[mask]]
 
 
 class Captured:
@@ -272,9 +271,24 @@ class TwoPositions(CacheLayer):
                                v.expand(-1, -1, 2, -1), two, mask)
 
 
-@pytest.mark.parametrize("case", ["a read between", "two positions"])
+class NewKeyWrittenAfter(CacheLayer):
+    """This step's key is scaled in place after the cache took it: folded, the cache would
+    take the scaled key."""
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor, position: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        k_cache.index_copy_(2, position, k)
+        v_cache.index_copy_(2, position, v)
+        k.mul_(2)
+        key, value = repeat_kv(k_cache, self.group), repeat_kv(v_cache, self.group)
+        return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scale)
+
+
+@pytest.mark.parametrize("case", ["a read between", "two positions", "a write between"])
 def test_writes_that_cannot_fold_stay_before_cache_attention(case: str) -> None:
-    module = ReadBetween(2) if case == "a read between" else TwoPositions(2)
+    module = {"a read between": ReadBetween(2), "two positions": TwoPositions(2),
+              "a write between": NewKeyWrittenAfter(2)}[case]
     graph = Captured(module, step_inputs())
     expected, expected_inputs = graph.run()
     assert graph.run_pass().matches == 1
