@@ -47,7 +47,7 @@ from runtime.registry import kernel_implementations, kernel_ops  # noqa: E402
 from runtime.replay_simulator import SimulatedGraph  # noqa: E402
 from runtime.signature_runner import SignatureRunner  # noqa: E402
 
-NEW_PASSES = ("lift_layer_norm", "lift_add_layer_norm", "sdpa_masks")
+NEW_PASSES = ("lift_cache_attention",)
 NEW_TOKENS = 6
 NO_KERNEL = frozenset({"aten._unsafe_view.default", "aten.alias.default"})
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from compiler.pass_manager import PassRecord
 from passes.fx_utils import constant_tensor, is_getitem, is_view_like, tensor_meta
@@ -105,9 +105,19 @@ def _change(before: int, after: int) -> str:
     return f"{100.0 * (after - before) / before:+.1f}%"
 
 
+def _cpu_sdpa_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size,
+                    *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# SDPA's CPU kernel, which torch's counter has no formula for (its CUDA kernels it counts): an
+# attention then counts the same on every device, SDPA's or fxkiln's cache_attention.
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 def count_flops(run: Any, inputs: Sequence[Any]) -> int:
     """FLOPs of one call, counted by torch.utils.flop_counter (matmuls, convs, attention)."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with torch.no_grad(), counter:
         run(*inputs)
     return int(counter.get_total_flops())

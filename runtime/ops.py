@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
 import runtime.kernels  # noqa: F401  (registers the implementations)
 from runtime import registry, settings
 from runtime.kernels.native import LINEAR_ACTIVATIONS
 
 DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "layer_norm", "fused_add_layer_norm",
-                "silu_and_mul", "gelu_and_mul", "rotary_embedding", "rotary_cos_sin", "linear")
+                "silu_and_mul", "gelu_and_mul", "rotary_embedding", "rotary_cos_sin", "linear",
+                "cache_attention", "cache_update_attention")
 
 
 def _dispatch(op: str, x: torch.Tensor, *args: Any) -> Any:
@@ -160,3 +161,53 @@ def _linear_flops(x_shape: torch.Size, weight_shape: torch.Size, *args: object,
     for size in x_shape[:-1]:
         rows *= size
     return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
+@torch.library.custom_op("fxkiln::cache_attention", mutates_args=())
+def cache_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """SDPA of `query` (batch, heads, queries, head_dim) over a cache's keys and values
+    (batch, kv_heads, cache_len, head_dim), read in place: query head h reads kv head
+    h // (heads // kv_heads), as Hugging Face's repeat_kv lays them out. `mask` broadcasts to
+    (batch, heads, queries, cache_len): boolean (True: attend) or additive, as SDPA's."""
+    return _dispatch("cache_attention", query, query, key_cache, value_cache, mask, scale)
+
+
+@cache_attention.register_fake
+def _(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+      mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return query.new_empty(query.shape)
+
+
+@torch.library.custom_op("fxkiln::cache_update_attention",
+                         mutates_args=("key_cache", "value_cache"))
+def cache_update_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           position: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, mask: torch.Tensor | None,
+                           scale: float) -> torch.Tensor:
+    """`key_cache.index_copy_(2, position, key)`, the same for value, then cache_attention over
+    the caches: a StaticCache layer's update and attention in one op."""
+    return _dispatch("cache_update_attention", query, query, key, value, position, key_cache,
+                     value_cache, mask, scale)
+
+
+@cache_update_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor,
+      key_cache: torch.Tensor, value_cache: torch.Tensor, mask: torch.Tensor | None,
+      scale: float) -> torch.Tensor:
+    return query.new_empty(query.shape)
+
+
+@register_flop_formula(torch.ops.fxkiln.cache_update_attention)
+def _cache_update_attention_flops(query_shape: torch.Size, key_shape: torch.Size,
+                                  value_shape: torch.Size, position_shape: torch.Size,
+                                  key_cache_shape: torch.Size, value_cache_shape: torch.Size,
+                                  *args: object, **kwargs: object) -> int:
+    return sdpa_flop_count(query_shape, key_cache_shape, value_cache_shape)
+
+
+@register_flop_formula(torch.ops.fxkiln.cache_attention)
+def _cache_attention_flops(query_shape: torch.Size, key_shape: torch.Size,
+                           value_shape: torch.Size, *args: object, **kwargs: object) -> int:
+    """SDPA's count over the grouped heads (the two products; the softmax is not counted)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)

@@ -3,6 +3,7 @@ simulator on CPU: eager's tokens, decode steps replayed from a static cache, rep
 what was captured and why nothing was for a DynamicCache."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -80,10 +81,35 @@ def test_static_cache_decode_steps_replay_one_whole_graph_each(kind: str, replay
             assert decode.capture_note == (f"leading size {batch} is more than the largest "
                                            f"capture size {SIZES[-1]}")
         assert "signature" in str(decode) or not captured
+        # every attention reads its StaticCache layer in place, self-attention writing this
+        # step's key and value in the same op (BART's cross-attention reads its cache only)
+        attentions = hf.config.num_hidden_layers * (2 if kind == "bart" else 1)
+        assert decode.passes["lift_cache_attention"].matches == attentions
+        assert decode.kernels["cache_update_attention"] == "native"  # "auto" on CPU
+        assert ("cache_attention" in decode.kernels) == (kind == "bart")
         if kind != "bart":  # lifted RMSNorm, add + RMSNorm, rotary, and the projections
             assert decode.passes["kernel_choice"].matches > 0  # (SiLU-and-mul in gate_up's)
             assert {"rms_norm", "fused_add_rms_norm", "rotary_cos_sin",
                     "linear"} <= set(decode.kernels)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_static_cache_decode_with_the_triton_cache_update_attention_gives_eager_tokens(
+        kind: str, replays: list) -> None:
+    """The decode kernel itself (interpreted), not its twin, in every replayed step."""
+    hf = _hf(kind)
+    config = dataclasses.replace(SIMULATED, kernels={"cache_update_attention": "triton"})
+    for batch in (1, 3):
+        torch._dynamo.reset()
+        ids = random_ids((batch, 5), hf.config.vocab_size, seed=batch)
+        expected = _generate(hf, ids, cache_implementation="static")
+        backend, before = compiler.backend(config), len(replays)
+        assert torch.equal(_compiled_generate(hf, ids, backend, cache_implementation="static"),
+                           expected), f"{kind}, batch {batch}"
+        decode = backend.reports[-1]
+        assert decode.kernels["cache_update_attention"] == "triton"
+        assert decode.passes["lift_cache_attention"].matches == hf.config.num_hidden_layers
+        assert len(replays) - before == REPLAYED
 
 
 def test_one_compiled_forward_for_every_batch_replays_pieces_of_the_dynamic_graph(

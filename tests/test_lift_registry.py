@@ -7,7 +7,7 @@ from compiler import cli
 from passes import DEFAULT_PIPELINE, PASSES
 
 LIFTING = ("lift_rms_norm", "lift_add_rms_norm", "lift_layer_norm", "lift_add_layer_norm",
-           "lift_act_and_mul", "lift_rotary")
+           "lift_act_and_mul", "lift_rotary", "lift_cache_attention")
 
 
 def test_lifting_passes_run_after_qkv_fuse_and_before_kernel_choice() -> None:
@@ -19,6 +19,8 @@ def test_lifting_passes_run_after_qkv_fuse_and_before_kernel_choice() -> None:
     assert order["lift_rms_norm"] < order["lift_add_rms_norm"]
     assert order["lift_layer_norm"] < order["lift_add_layer_norm"]
     assert max(order[name] for name in LIFTING) < order["kernel_choice"]
+    # a boolean mask is read as it is by cache_attention, converted once for the SDPA calls left
+    assert order["lift_cache_attention"] < order["sdpa_masks"]
 
 
 def test_cli_lists_the_lifting_passes_and_the_ops_they_write(
@@ -28,5 +30,5 @@ def test_cli_lists_the_lifting_passes_and_the_ops_they_write(
     assert all(f"{name} " in listed for name in LIFTING)
     assert cli.main(["kernels"]) == 0
     kernels = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
-    for op in ("gelu_and_mul", "rotary_cos_sin"):
+    for op in ("gelu_and_mul", "rotary_cos_sin", "cache_attention"):
         assert kernels[op] == ["native,", "triton"]

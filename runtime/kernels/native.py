@@ -70,6 +70,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return LINEAR_ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
+@register_kernel("cache_attention", "native", supports=_everywhere)
+def cache_attention(
+    query: torch.Tensor,        # (batch, heads, queries, head_dim)
+    key_cache: torch.Tensor,    # (batch, kv_heads, cache_len, head_dim)
+    value_cache: torch.Tensor,
+    mask: torch.Tensor | None,  # broadcasts to (batch, heads, queries, cache_len)
+    scale: float,
+) -> torch.Tensor:
+    """What a Hugging Face attention over a StaticCache computes: repeat_kv, then SDPA."""
+    group = query.shape[1] // key_cache.shape[1]
+    key, value = repeat_kv(key_cache, group), repeat_kv(value_cache, group)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                          scale=scale).contiguous()
+
+
+@register_kernel("cache_update_attention", "native", supports=_everywhere)
+def cache_update_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # key, value (b, kv, q, d)
+    position: torch.Tensor,     # (q,) positions of the caches to write
+    key_cache: torch.Tensor, value_cache: torch.Tensor, mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """A StaticCache layer's update (index_copy_ of this step's key and value), then
+    cache_attention over it: what the graph did."""
+    key_cache.index_copy_(2, position, key)
+    value_cache.index_copy_(2, position, value)
+    return cache_attention(query, key_cache, value_cache, mask, scale)
+
+
+def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(batch, kv_heads, length, dim) -> (batch, kv_heads * group, length, dim), each head
+    `group` times in a row (Hugging Face's repeat_kv; `x` itself when group is 1)."""
+    if group == 1:
+        return x
+    batch, kv_heads, length, dim = x.shape
+    return x[:, :, None].expand(batch, kv_heads, group, length, dim).reshape(
+        batch, kv_heads * group, length, dim)
+
+
 @register_kernel("rotary_embedding", "native", supports=_everywhere)
 def rotary_embedding(
     positions: torch.Tensor,      # (tokens,)
