@@ -31,8 +31,9 @@ settings ("auto": the highest priority the device supports):
   (`AttentionMetadata.static_decode` or one new token per sequence):
   `runtime.kernels.decode_attention` (one program per sequence, KV head and context split for
   the whole query group, the step's cache write in the same kernel; a split context is combined
-  by its last-arriving split program, or by a small reduce launch where the tuning says so). Every other step (a prefill of many prompts, chunks over a cached prefix,
-  chunks mixed with decode tokens): the cache write, then one variable-length attention launch
+  by a small reduce launch, or by its last-arriving split program where the tuning says so).
+  Every other step (a prefill of many prompts, chunks over a cached prefix, chunks mixed with
+  decode tokens): the cache write, then one variable-length attention launch
   for all the step's sequences (`runtime.kernels.varlen_attention_jit`).
 """
 from __future__ import annotations

@@ -39,7 +39,11 @@ class DecodeTuning:
     max_splits: int
     fuse_write: bool = True   # write the step's K/V inside the attention kernel
     min_block_g: int = 16     # query heads per program padded to at least this (tensor cores)
-    fuse_reduce: bool = True  # split: the last split program combines (no reduce launch)
+    # split: the last split program combines (no reduce launch). Off: on the H200
+    # (benchmarks/decode_attention_ab.py, Llama-1B batch 1, context 256, one process) the
+    # in-kernel combine saved its 16 launches but its serial tail cost more: 0.979 ms of
+    # kernels and a 1.075 ms step against 0.912 ms and 1.062 ms with the reduce launch.
+    fuse_reduce: bool = False
 
 
 # Provisional, from first principles (one to two K/V tiles of 8 KB per iteration, two waves of
