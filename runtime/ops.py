@@ -14,7 +14,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 import runtime.kernels  # noqa: F401  (registers the implementations)
 from runtime import registry, settings
-from runtime.kernels.native import LINEAR_ACTIVATIONS, LINEAR_PROLOGUES
+from runtime.kernels.native import CARRIES, LINEAR_ACTIVATIONS, LINEAR_PROLOGUES
 
 DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "layer_norm", "fused_add_layer_norm",
                 "silu_and_mul", "gelu_and_mul", "rotary_embedding", "rotary_cos_sin", "linear",
@@ -191,21 +191,26 @@ def _(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None
 @torch.library.custom_op("fxkiln::add_norm_linear", mutates_args=())
 def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                     norm_bias: torch.Tensor | None, eps: float, norm: str, weight: torch.Tensor,
-                    bias: torch.Tensor | None, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(norm(x + residual), ...), x + residual): fused_add_rms_norm or
-    fused_add_layer_norm, then the projection of its normalized output."""
+                    bias: torch.Tensor | None, activation: str,
+                    carry: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm or fused_add_layer_norm, then the projection of its normalized rows:
+    (projection, the rows the layer carries on: x + residual for `carry` "sum", the normalized
+    rows for "normed")."""
     return _dispatch("add_norm_linear", x, x, residual, norm_weight, norm_bias, eps, norm, weight,
-                     bias, activation)
+                     bias, activation, carry)
 
 
 @add_norm_linear.register_fake
 def _(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
       norm_bias: torch.Tensor | None, eps: float, norm: str, weight: torch.Tensor,
-      bias: torch.Tensor | None, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+      bias: torch.Tensor | None, activation: str, carry: str) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "fxkiln.add_norm_linear"
+    if carry not in CARRIES:
+        raise ValueError(f"{op}: expected carry in {list(CARRIES)}, found {carry!r}")
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
-    dtype = _normed_dtype("fxkiln.add_norm_linear", norm, sum_dtype, norm_weight, norm_bias)
-    return (_projected(x, weight, activation, dtype, "fxkiln.add_norm_linear"),
-            x.new_empty(x.shape, dtype=sum_dtype))
+    dtype = _normed_dtype(op, norm, sum_dtype, norm_weight, norm_bias)
+    return (_projected(x, weight, activation, dtype, op),
+            x.new_empty(x.shape, dtype=sum_dtype if carry == "sum" else dtype))
 
 
 def _projection_flops(x_shape: torch.Size, weight_shape: torch.Size) -> int:

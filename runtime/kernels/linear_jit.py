@@ -18,11 +18,11 @@ NO_NORM, RMS_NORM, LAYER_NORM = (tl.constexpr(code) for code in range(3))
 
 @triton.jit
 def linear_rows_kernel(
-    out_ptr, x_ptr, weight_ptr, bias_ptr, residual_ptr, residual_out_ptr, norm_weight_ptr,
+    out_ptr, x_ptr, weight_ptr, bias_ptr, residual_ptr, sum_ptr, normed_ptr, norm_weight_ptr,
     norm_bias_ptr, rows, x_row_stride, residual_row_stride, weight_row_stride, out_row_stride,
     eps, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    HAS_NORM_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr, STORE_SUM: tl.constexpr, STORE_NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -41,9 +41,10 @@ def linear_rows_kernel(
     dots in float32 (Triton's CPU interpreter has no bfloat16 arithmetic).
 
     PROLOGUE (RMS_NORM, LAYER_NORM) makes x the norm of the rows it points to [plus the
-    residual rows (HAS_RESIDUAL), their sum written to residual_out by program 0 as it goes]:
-    with the norm's weight [and bias], x is the norm's output, rounded as the norm kernel rounds
-    it, so the projection reads what it would have read from the norm kernel's output. Each
+    residual rows (HAS_RESIDUAL)] with the norm's weight [and bias], rounded as the norm kernel
+    rounds it, so the projection reads what it would have read from the norm kernel's output.
+    Program 0 writes, as it goes, the sum (STORE_SUM, to sum_ptr: the residual a pre-norm layer
+    carries on) or the normalized rows (STORE_NORMED, to normed_ptr: a post-norm layer's). Each
     program computes the rows' statistics itself, one sweep of the (rows, IN_FEATURES) input
     before its loop (two for LayerNorm) and re-reads the input tiles in the loop: a few KB per
     program, from L2 after the first programs, against the BLOCK_N rows of weight it streams
@@ -60,7 +61,7 @@ def linear_rows_kernel(
     dot_dtype = tl.float32 if UPCAST else weight_ptr.dtype.element_ty
     if PROLOGUE != NO_NORM:
         mean, rstd = prologue_jit.row_stats(
-            x_ptr, residual_ptr, residual_out_ptr, row_ids, row_mask, x_row_stride,
+            x_ptr, residual_ptr, sum_ptr, row_ids, row_mask, x_row_stride,
             residual_row_stride, eps, IN_FEATURES, BLOCK_M, BLOCK_K, PROLOGUE == LAYER_NORM,
             HAS_RESIDUAL)
     if BLOCK_M == 1:
@@ -77,14 +78,18 @@ def linear_rows_kernel(
             x = tl.load(x_ptr + row_ids[:, None] * x_row_stride + ks[None, :], mask=x_mask,
                         other=0.0)                                            # (BLOCK_M, BLOCK_K)
         else:
-            x = prologue_jit.summed_tile(x_ptr, residual_ptr, residual_out_ptr, row_ids, ks,
-                                         x_mask, x_row_stride, residual_row_stride, HAS_RESIDUAL)
-            if HAS_RESIDUAL:
-                tl.store(residual_out_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :],
-                         x.to(residual_out_ptr.dtype.element_ty), mask=x_mask & (block == 0))
-            x = prologue_jit.normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr, x_ptr,
-                                         residual_out_ptr, out_ptr, ks, k_mask, x_mask,
-                                         PROLOGUE == LAYER_NORM, HAS_RESIDUAL, HAS_NORM_BIAS)
+            x = prologue_jit.summed_tile(x_ptr, residual_ptr, sum_ptr, row_ids, ks, x_mask,
+                                         x_row_stride, residual_row_stride, HAS_RESIDUAL)
+            first = x_mask & (block == 0)  # program 0 stores the rows a later op reads
+            if STORE_SUM:
+                tl.store(sum_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :],
+                         x.to(sum_ptr.dtype.element_ty), mask=first)
+            x = prologue_jit.normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr, sum_ptr,
+                                         out_ptr, ks, k_mask, x_mask, PROLOGUE == LAYER_NORM,
+                                         HAS_NORM_BIAS)
+            if STORE_NORMED:
+                tl.store(normed_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :], x,
+                         mask=first)
         w_mask = col_mask[:, None] & k_mask[None, :]
         weight = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)     # (BLOCK_N, BLOCK_K)
         if ACTIVATION == SILU_AND_MUL:

@@ -97,12 +97,17 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Ten
                   activation)
 
 
+# What `fxkiln.add_norm_linear` returns beside the projection: the rows a layer carries on.
+CARRIES = ("sum", "normed")  # x + residual (pre-norm layers), the norm's output (post-norm)
+
+
 @register_kernel("add_norm_linear", "native", supports=_everywhere)
 def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                     norm_bias: torch.Tensor | None, eps: float, norm: str, weight: torch.Tensor,
-                    bias: torch.Tensor | None, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    bias: torch.Tensor | None, activation: str,
+                    carry: str) -> tuple[torch.Tensor, torch.Tensor]:
     normed, summed = LINEAR_PROLOGUES[norm][1](x, residual, norm_weight, norm_bias, eps)
-    return linear(normed, weight, bias, activation), summed
+    return linear(normed, weight, bias, activation), summed if carry == "sum" else normed
 
 
 @register_kernel("rotary_embedding", "native", supports=_everywhere)

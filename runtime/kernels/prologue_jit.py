@@ -14,20 +14,21 @@ import triton.language as tl
 
 
 @triton.jit
-def summed_tile(x_ptr, residual_ptr, residual_out_ptr, row_ids, ks, mask, x_row_stride,
+def summed_tile(x_ptr, residual_ptr, sum_ptr, row_ids, ks, mask, x_row_stride,
                 residual_row_stride, HAS_RESIDUAL: tl.constexpr):
-    """The (rows, ks) tile of x [+ residual, rounded to residual_out's dtype], in float32."""
+    """The (rows, ks) tile of x [+ residual, rounded to the sum's dtype: sum_ptr's], in
+    float32."""
     x = tl.load(x_ptr + row_ids[:, None] * x_row_stride + ks[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row_ids[:, None] * residual_row_stride + ks[None, :],
                            mask=mask, other=0.0)
-        x = (x + residual.to(tl.float32)).to(residual_out_ptr.dtype.element_ty).to(tl.float32)
+        x = (x + residual.to(tl.float32)).to(sum_ptr.dtype.element_ty).to(tl.float32)
     return x
 
 
 @triton.jit
-def row_stats(x_ptr, residual_ptr, residual_out_ptr, row_ids, row_mask, x_row_stride,
+def row_stats(x_ptr, residual_ptr, sum_ptr, row_ids, row_mask, x_row_stride,
               residual_row_stride, eps, IN_FEATURES: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_K: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """(mean, 1 / sqrt(variance + eps)) of each input row, (BLOCK_M,) each; the mean is 0 for
@@ -39,15 +40,14 @@ def row_stats(x_ptr, residual_ptr, residual_out_ptr, row_ids, row_mask, x_row_st
         for start in range(0, IN_FEATURES, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (ks < IN_FEATURES)[None, :]
-            x = summed_tile(x_ptr, residual_ptr, residual_out_ptr, row_ids, ks, mask,
-                            x_row_stride, residual_row_stride, HAS_RESIDUAL)
+            x = summed_tile(x_ptr, residual_ptr, sum_ptr, row_ids, ks, mask, x_row_stride, residual_row_stride, HAS_RESIDUAL)
             total += tl.sum(x, axis=1)
         mean = total / IN_FEATURES
     squares = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, IN_FEATURES, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (ks < IN_FEATURES)[None, :]
-        x = summed_tile(x_ptr, residual_ptr, residual_out_ptr, row_ids, ks, mask, x_row_stride,
+        x = summed_tile(x_ptr, residual_ptr, sum_ptr, row_ids, ks, mask, x_row_stride,
                         residual_row_stride, HAS_RESIDUAL)
         centered = tl.where(mask, x - mean[:, None], 0.0)
         squares += tl.sum(centered * centered, axis=1)
@@ -55,9 +55,8 @@ def row_stats(x_ptr, residual_ptr, residual_out_ptr, row_ids, row_mask, x_row_st
 
 
 @triton.jit
-def normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr, x_ptr, residual_out_ptr, out_ptr,
-                ks, k_mask, mask, LAYER_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                HAS_NORM_BIAS: tl.constexpr):
+def normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr, sum_ptr, out_ptr, ks, k_mask,
+                mask, LAYER_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
     """The normalized (rows, ks) tile of the float32 row sums `x`, rounded to out's dtype (the
     norm's output dtype: what the projection reads); zero where `mask` is off."""
     out_dtype = out_ptr.dtype.element_ty
@@ -69,9 +68,6 @@ def normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr, x_ptr, residual_o
             bias = tl.load(norm_bias_ptr + ks, mask=k_mask, other=0.0)
             result = tl.where(mask, result + bias.to(tl.float32)[None, :], 0.0)
     else:
-        sum_dtype = x_ptr.dtype.element_ty  # the norm's input: x, or x + residual
-        if HAS_RESIDUAL:
-            sum_dtype = residual_out_ptr.dtype.element_ty
-        normed = (x * rstd[:, None]).to(sum_dtype).to(out_dtype).to(tl.float32)
+        normed = (x * rstd[:, None]).to(sum_ptr.dtype.element_ty).to(out_dtype).to(tl.float32)
         result = normed * weight.to(out_dtype).to(tl.float32)[None, :]
     return result.to(out_dtype)

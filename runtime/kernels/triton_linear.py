@@ -119,14 +119,17 @@ def gemv_blocks(rows: int, in_features: int, block_n: int, budget: int) -> tuple
 
 @dataclass(frozen=True)
 class NormPrologue:
-    """The norm a GEMV applies to its input rows first (runtime.kernels.triton_norm_linear)."""
+    """The norm a GEMV applies to its input rows first (runtime.kernels.triton_norm_linear).
+    Rows are (rows, in features); those the kernel writes are contiguous."""
 
     norm: str                          # "rms" | "layer" ("none": no prologue)
     weight: torch.Tensor
     bias: torch.Tensor | None
     eps: float
-    residual: torch.Tensor | None      # (rows, in) added to the input rows before the norm
-    residual_out: torch.Tensor | None  # (rows, in), contiguous: where their sum goes
+    residual: torch.Tensor | None      # added to the input rows before the norm
+    sum_rows: torch.Tensor             # of the sum's dtype; where the sum goes if `store_sum`
+    store_sum: bool = False
+    normed_out: torch.Tensor | None = None  # where the normalized rows go, if anyone reads them
 
 
 NORM_CODES = {"none": linear_jit.NO_NORM.value, "rms": linear_jit.RMS_NORM.value,
@@ -154,16 +157,18 @@ def gemv(out_rows: torch.Tensor, x_rows: torch.Tensor, weight: torch.Tensor,
     out_features = out_rows.shape[1]
     block_m, block_k = gemv_blocks(rows, in_features, block_n, budget)
     interpreted = triton_kernels.interpreter_active()
-    norm = prologue or NormPrologue("none", weight, None, 0.0, None, None)
+    norm = prologue or NormPrologue("none", weight, None, 0.0, None, x_rows)
     residual = x_rows if norm.residual is None else norm.residual
+    normed_out = x_rows if norm.normed_out is None else norm.normed_out
     linear_jit.linear_rows_kernel[(-(-out_features // block_n),)](
         out_rows, x_rows, weight, weight if bias is None else bias.contiguous(), residual,
-        x_rows if norm.residual_out is None else norm.residual_out, norm.weight.contiguous(),
+        norm.sum_rows, normed_out, norm.weight.contiguous(),
         weight if norm.bias is None else norm.bias.contiguous(), rows, x_rows.stride(0),
         residual.stride(0), weight.stride(0), out_rows.stride(0), norm.eps,
         OUT_FEATURES=out_features, IN_FEATURES=in_features, HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATION_CODES[activation], PROLOGUE=NORM_CODES[norm.norm],
         HAS_RESIDUAL=norm.residual is not None, HAS_NORM_BIAS=norm.bias is not None,
+        STORE_SUM=norm.store_sum, STORE_NORMED=norm.normed_out is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
         UPCAST=interpreted,
         DOT_PRECISION="ieee" if interpreted or out_rows.dtype == torch.float32 else "tf32",

@@ -25,9 +25,10 @@ EPILOGUES = ("none", "gelu", "gelu_tanh", "silu_and_mul")
 
 
 def _args(rows: int, out_features: int, in_features: int, norm: str, residual: bool,
-          norm_bias: bool, bias: bool, activation: str, dtype: torch.dtype,
-          device: str) -> tuple:
-    """(x, [residual,] norm weight, norm bias, eps, norm, weight, bias, activation); x strided."""
+          norm_bias: bool, bias: bool, activation: str, dtype: torch.dtype, device: str,
+          carry: str = "sum") -> tuple:
+    """(x, [residual,] norm weight, norm bias, eps, norm, weight, bias, activation[, carry]);
+    x strided."""
     weight_rows = 2 * out_features if activation == "silu_and_mul" else out_features
     x = 2 * torch.randn(rows, in_features + 3, device=device)[:, :in_features] + 0.5
     residual_rows = torch.randn(rows, in_features, device=device)
@@ -37,14 +38,15 @@ def _args(rows: int, out_features: int, in_features: int, norm: str, residual: b
     projection_bias = 0.1 * torch.randn(weight_rows, device=device) if bias else None
     cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
     head = (cast(x), cast(residual_rows)) if residual else (cast(x),)
+    tail = (carry,) if residual else ()
     return (*head, cast(norm_weight), cast(offset), 1e-5, norm, cast(weight),
-            cast(projection_bias), activation)
+            cast(projection_bias), activation, *tail)
 
 
 def _run(args: tuple, constants: tuple[int, ...], twin: bool = False) -> tuple:
     """Both outputs of the call (the second None without a residual); the native twin's or
     the Triton implementation's with `constants`."""
-    residual = len(args) == 9  # add_norm_linear's arguments: x, residual, then norm_linear's
+    residual = len(args) == 10  # add_norm_linear's: x, residual, norm_linear's rest, carry
     if twin:
         out = native.add_norm_linear(*args) if residual else native.norm_linear(*args)
     elif residual:
@@ -70,30 +72,37 @@ def _check(args: tuple, constants: tuple[int, ...],
 @given(rows=st.integers(1, 10), out_features=st.integers(1, 40), in_features=st.integers(16, 96),
        norm=st.sampled_from(["rms", "layer"]), residual=st.booleans(), norm_bias=st.booleans(),
        bias=st.booleans(), activation=st.sampled_from(EPILOGUES),
+       carry=st.sampled_from(["sum", "normed"]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        block_n=st.sampled_from([1, 4, 16]), budget=st.sampled_from([256, 4096]),
        stages=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
 def test_norm_linear_matches_the_native_twin_interpreted(
         rows: int, out_features: int, in_features: int, norm: str, residual: bool,
-        norm_bias: bool, bias: bool, activation: str, dtype: torch.dtype, block_n: int,
-        budget: int, stages: int, seed: int) -> None:
+        norm_bias: bool, bias: bool, activation: str, carry: str, dtype: torch.dtype,
+        block_n: int, budget: int, stages: int, seed: int) -> None:
     """Rows up to 8 take the GEMV with its prologue (a budget of 256 makes several K tiles,
     so the statistics are gathered over more than one); 9 and 10 the norm kernel and cuBLAS."""
     torch.manual_seed(seed)
     args = _args(rows, out_features, in_features, norm, residual, norm_bias and norm == "layer",
-                 bias, activation, dtype, "cpu")
+                 bias, activation, dtype, "cpu", carry)
     norm_constants = triton_kernels._norm_constants(args[0])
     _check(args, (8, block_n, budget, 2, stages, *norm_constants), TOLERANCES)
 
 
 @needs_interpreter
-def test_the_residual_sum_is_written_once_whole_and_exact() -> None:
-    """Program 0 writes the sum; many programs (block_n 1) and K tiles (budget 16)."""
+@pytest.mark.parametrize("carry", ["sum", "normed"])
+def test_the_carried_rows_are_written_whole(carry: str) -> None:
+    """Program 0 writes them, over many programs (block_n 1) and K tiles (budget 16): the sum
+    exactly, the normalized rows as the norm computes them."""
     torch.manual_seed(0)
-    args = _args(3, 24, 80, "rms", True, False, False, "none", torch.float32, "cpu")
-    expected = args[0] + args[1]
-    _, summed = _run(args, (8, 1, 16, 2, 2, 128, 1))
-    assert summed.is_contiguous() and torch.equal(summed, expected)
+    args = _args(3, 24, 80, "layer", True, True, False, "none", torch.float32, "cpu", carry)
+    _, carried = _run(args, (8, 1, 16, 2, 2, 128, 1))
+    assert carried.is_contiguous() and carried.shape == args[0].shape
+    if carry == "sum":
+        assert torch.equal(carried, args[0] + args[1])
+    else:
+        expected = native.layer_norm(args[0] + args[1], args[2], args[3], args[4])
+        torch.testing.assert_close(carried, expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_interpreter
@@ -103,7 +112,7 @@ def test_mixed_dtypes_round_where_the_norm_rounds() -> None:
     torch.manual_seed(1)
     x, residual = torch.randn(2, 32).half(), torch.randn(2, 32).half()
     args = (x, residual, 1.0 + 0.1 * torch.randn(32), None, 1e-6, "rms", torch.randn(8, 32), None,
-            "none")
+            "none", "sum")
     constants = triton_norm_linear.add_norm_linear_constants(*args)
     (expected, expected_sum), (actual, actual_sum) = _run(args, (), True), _run(args, constants)
     assert (actual.dtype, actual_sum.dtype) == (torch.float32, torch.float16)
@@ -114,7 +123,8 @@ def test_mixed_dtypes_round_where_the_norm_rounds() -> None:
 @needs_interpreter
 def test_flop_counting_sees_the_projection() -> None:
     """Under a dispatch mode the call runs the native twin, which the mode sees."""
-    args = _args(2, 16, 32, "layer", True, True, True, "silu_and_mul", torch.float32, "cpu")
+    args = _args(2, 16, 32, "layer", True, True, True, "silu_and_mul", torch.float32, "cpu",
+                 "normed")
     constants = triton_norm_linear.add_norm_linear_constants(*args)
     counts = []
     for twin in (True, False):
@@ -145,14 +155,15 @@ SHAPES = [  # (out features, in features, norm, activation, bias): the projectio
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 8, 9])
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("carry", [None, "sum", "normed"])  # None: no residual
 def test_norm_linear_matches_native_on_gpu(shape: tuple[int, int, str, str, bool], rows: int,
-                                           residual: bool) -> None:
+                                           carry: str | None) -> None:
     out_features, in_features, norm, activation, bias = shape
     torch.manual_seed(rows)
+    residual = carry is not None
     for dtype in (torch.bfloat16, torch.float32):
         args = _args(rows, out_features, in_features, norm, residual, norm == "layer", bias,
-                     activation, dtype, "cuda")
+                     activation, dtype, "cuda", carry or "sum")
         constants = (triton_norm_linear.add_norm_linear_constants(*args) if residual
                      else triton_norm_linear.norm_linear_constants(*args))
         _check(args, constants, GPU_TOLERANCES)
@@ -167,11 +178,13 @@ def _equals_the_unfused_triton_pair(args: tuple, constants: tuple[int, ...],
     """The norm kernel, then the GEMV: the fused call rounds where they round, so they agree
     but for the order of the statistics' float32 sums (one bfloat16 ulp at most, rarely)."""
     x, residual_rows = args[0], args[1] if residual else None
-    norm_weight, norm_bias, eps, norm, weight, bias, activation = args[2 if residual else 1:]
+    norm_weight, norm_bias, eps, norm, weight, bias, activation = args[2 if residual else 1:][:7]
     normed, summed = triton_kernels._norm(x, residual_rows, norm_weight, norm_bias, eps,
                                           constants[5], constants[6], layer_norm=norm == "layer")
     expected = triton_linear.linear(normed, weight, bias, activation, *constants[:5])
-    actual, actual_sum = _run(args, constants)
+    actual, carried = _run(args, constants)
     torch.testing.assert_close(actual, expected, rtol=1.6e-2, atol=1.6e-2)
-    if residual:
-        assert torch.equal(actual_sum, summed)
+    if residual and args[-1] == "sum":
+        assert torch.equal(carried, summed)
+    elif residual:
+        torch.testing.assert_close(carried, normed, rtol=1.6e-2, atol=1.6e-2)
