@@ -11,6 +11,7 @@ from passes.lift_layer_norm import LiftLayerNormPass
 from passes.lift_rms_norm import LiftRmsNormPass
 from passes.lift_rotary import LiftRotaryPass
 from passes.linear_epilogue import LinearEpiloguePass
+from passes.norm_prologue import NormProloguePass
 from passes.qkv_fuse import QkvFusePass
 from passes.qkv_split import QkvSplitPass
 from passes.sdpa_masks import SdpaMasksPass
@@ -22,8 +23,9 @@ from passes.sdpa_masks import SdpaMasksPass
 # lift_rms_norm wrote, lift_add_layer_norm those before the norms lift_layer_norm wrote);
 # sdpa_masks converts a boolean mask the layers' SDPA calls share once; linear_epilogue turns
 # the projections left into fxkiln.linear, folding in an activation that is their only reader
-# (the lifted SiLU-and-mul of a fused gate_up too); kernel_choice then binds every dispatch op, lifted or written by the model, to its chosen
-# kernel; cleanup last tidies up after the rewrites before it.
+# (the lifted SiLU-and-mul of a fused gate_up too); norm_prologue folds a norm whose output one
+# of those projections reads into it; kernel_choice then binds every dispatch op, lifted or
+# written by the model, to its chosen kernel; cleanup last tidies up after the rewrites before it.
 PASSES: dict[str, type[GraphPass]] = {
     QkvSplitPass.name: QkvSplitPass,
     QkvFusePass.name: QkvFusePass,
@@ -35,11 +37,13 @@ PASSES: dict[str, type[GraphPass]] = {
     LiftRotaryPass.name: LiftRotaryPass,
     SdpaMasksPass.name: SdpaMasksPass,
     LinearEpiloguePass.name: LinearEpiloguePass,
+    NormProloguePass.name: NormProloguePass,
     KernelChoicePass.name: KernelChoicePass,
     CleanupPass.name: CleanupPass,
 }
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "qkv_split", "qkv_fuse", "lift_rms_norm", "lift_add_rms_norm", "lift_layer_norm",
-    "lift_add_layer_norm", "lift_act_and_mul", "lift_rotary", "sdpa_masks", "linear_epilogue", "kernel_choice", "cleanup")
+    "lift_add_layer_norm", "lift_act_and_mul", "lift_rotary", "sdpa_masks", "linear_epilogue",
+    "norm_prologue", "kernel_choice", "cleanup")
 
 __all__ = ["DEFAULT_PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult"]
