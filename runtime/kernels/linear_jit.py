@@ -22,9 +22,9 @@ def linear_rows_kernel(
     norm_bias_ptr, rows, x_row_stride, residual_row_stride, weight_row_stride, out_row_stride,
     eps, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    HAS_NORM_BIAS: tl.constexpr, STORE_SUM: tl.constexpr, STORE_NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr, STORE_SUM: tl.constexpr, STORE_NORMED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program per BLOCK_N output features, for all `rows` (<= BLOCK_M) input rows at once, so
     each weight element is read once: out = act(x W^T + b).

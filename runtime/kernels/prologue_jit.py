@@ -40,7 +40,8 @@ def row_stats(x_ptr, residual_ptr, sum_ptr, row_ids, row_mask, x_row_stride,
         for start in range(0, IN_FEATURES, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (ks < IN_FEATURES)[None, :]
-            x = summed_tile(x_ptr, residual_ptr, sum_ptr, row_ids, ks, mask, x_row_stride, residual_row_stride, HAS_RESIDUAL)
+            x = summed_tile(x_ptr, residual_ptr, sum_ptr, row_ids, ks, mask, x_row_stride,
+                            residual_row_stride, HAS_RESIDUAL)
             total += tl.sum(x, axis=1)
         mean = total / IN_FEATURES
     squares = tl.zeros((BLOCK_M,), tl.float32)
