@@ -84,6 +84,7 @@ def _check(args: tuple, constants: tuple[int, ...],
             torch.testing.assert_close(value, reference, rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 @needs_interpreter
 @given(rows=st.integers(1, 10), out_features=st.integers(1, 40), in_features=st.integers(16, 96),
        norm=st.sampled_from(["rms", "layer"]), residual=st.booleans(), norm_bias=st.booleans(),
