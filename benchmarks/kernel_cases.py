@@ -19,7 +19,7 @@ import torch
 from runtime.attention import native_attention
 from runtime.forward_context import AttentionMetadata
 from runtime.kernels import decode_attention as attention_kernels, native, triton_kernels
-from runtime.kernels import triton_linear
+from runtime.kernels import triton_linear, triton_norm_linear
 from runtime.kernels.decode_attention import DecodePlan, decode_plan
 from runtime.kv_cache import AttentionSpec, LayerKVCache
 
@@ -58,6 +58,15 @@ TINY = {  # CPU smoke shapes (Triton interpreted): the same kinds of layers, tin
         (192, 64, "none", False), (64, 96, "none", False)), rotary=True),
     "bart-large": ModelShape(64, 4, 4, 16, "layer", (
         (192, 64, "none", True), (128, 64, "gelu", True)), rotary=False),
+}
+
+
+# The projections a norm feeds in each model (the add + norm before them folds into their GEMV),
+# and the rows the layer carries on past it: Llama's sum, BART's (post-norm) normalized rows.
+NORMED = {
+    "llama-1b": (((3072, 2048, "none", False), (8192, 2048, "silu_and_mul", False)), "sum"),
+    "llama-8b": (((6144, 4096, "none", False), (14336, 4096, "silu_and_mul", False)), "sum"),
+    "bart-large": (((3072, 1024, "none", True), (4096, 1024, "gelu", True)), "normed"),
 }
 
 
@@ -195,6 +204,52 @@ def linear_case(model: str, projection: tuple[int, int, str, bool], rows: int,
                                   "bias": has_bias},
                 lambda i: triton_linear.unfused(x, weights[i % copies], bias, epilogue),
                 variants, "default", check, copies)
+
+
+def norm_linear_case(model: str, shape: ModelShape, projection: tuple[int, int, str, bool],
+                     rows: int, device: torch.device, dtype: torch.dtype,
+                     sweep: dict[str, tuple]) -> Case:
+    """Add + norm folded into the projection it feeds (the code's choice), against the native
+    twin and, as a peer, the unfused Triton pair: the norm kernel, then the GEMV."""
+    out_features, in_features, epilogue, has_bias = projection
+    weight_rows = 2 * out_features if epilogue == "silu_and_mul" else out_features
+    copies = _copies(weight_rows * in_features * dtype.itemsize, sweep["max_copies"])
+    x, residual = (torch.randn(rows, in_features, device=device, dtype=dtype) for _ in range(2))
+    norm_weight = (1 + 0.1 * torch.randn(in_features, device=device)).to(dtype)
+    norm_bias = (0.1 * torch.randn(in_features, device=device)).to(dtype) \
+        if shape.norm == "layer" else None
+    weights = [torch.randn(weight_rows, in_features, device=device, dtype=dtype) *
+               in_features ** -0.5 for _ in range(copies)]
+    bias = torch.randn(weight_rows, device=device, dtype=dtype) * 0.1 if has_bias else None
+    carry = NORMED[model][1] if model in NORMED else "sum"
+
+    def args(i: int) -> tuple[Any, ...]:
+        return (x, residual, norm_weight, norm_bias, 1e-5, shape.norm, weights[i % len(weights)],
+                bias, epilogue, carry)
+
+    constants = triton_norm_linear.add_norm_linear_constants(*args(0))
+    pair_op = f"fused_add_{shape.norm}_norm"
+
+    def pair(i: int) -> Any:
+        normed = getattr(triton_kernels, pair_op)(*_norm_args(args(i)), *constants[5:])[0]
+        return triton_linear.linear(normed, args(i)[6], bias, epilogue, *constants[:5])
+
+    forced = (rows, *constants[1:]) if constants[0] else (rows, 16, 4096, 4, 3, *constants[5:])
+    key = {"rows": rows, "out_features": out_features, "in_features": in_features,
+           "epilogue": epilogue, "bias": has_bias, "norm": shape.norm, "carry": carry}
+    return Case("norm_linear", model, key,
+                lambda i: native.add_norm_linear(*args(i)),
+                {"default": ({"max_rows": constants[0]}, lambda i: triton_norm_linear.
+                             add_norm_linear(*args(i), *constants))}, "default",
+                lambda: (triton_norm_linear.add_norm_linear(*args(0), *forced)[0],
+                         native.add_norm_linear(*args(0))[0]),
+                copies, peers={"triton norm, then GEMV": pair})
+
+
+def _norm_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """add_norm_linear's arguments as the add + norm op takes them."""
+    x, residual, weight, bias, eps, norm = args[:6]
+    return (x, residual, weight, eps) if norm == "rms" else (x, residual, weight, bias, eps)
 
 
 def norm_case(model: str, shape: ModelShape, rows: int, device: torch.device,

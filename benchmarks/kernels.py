@@ -2,7 +2,7 @@
 decode shapes, over a sweep of its launch parameters, in one GPU call of a few minutes.
 
     python benchmarks/kernels.py [--device cuda] [--budget 300] [--out FILE]
-                                 [--kernels decode_attention,linear,norm,rotary]
+                                 [--kernels decode_attention,linear,norm,norm_linear,rotary]
                                  [--models llama-1b,bart-large,llama-8b]
 
 Per case (kernel, model, shape: batch 1, 8, 64 at contexts 256 and 2048 for decode attention; 1
@@ -49,7 +49,7 @@ SWEEPS = {
             "norm_warps": (2,), "rotary_warps": (2,), "batches": (1, 3), "contexts": (16, 40),
             "rows": (1, 3), "norm_rows": (1, 3), "max_copies": 1},
 }
-KERNELS = ("decode_attention", "norm", "rotary", "linear")  # the long sweep last
+KERNELS = ("decode_attention", "norm", "norm_linear", "rotary", "linear")  # long sweep last
 
 
 def build_cases(kernels: list[str], models: list[str], device: torch.device,
@@ -72,6 +72,12 @@ def build_cases(kernels: list[str], models: list[str], device: torch.device,
             elif kernel == "norm":
                 for rows in sweep["norm_rows"]:
                     yield cases.norm_case(model, shape, rows, device, dtype, sweep)
+            elif kernel == "norm_linear":
+                for projection in cases.NORMED[model][0] if device.type == "cuda" else (
+                        shape.projections):
+                    for rows in sweep["rows"]:
+                        yield cases.norm_linear_case(model, shape, projection, rows, device,
+                                                     dtype, sweep)
             elif shape.rotary:
                 for rows in sweep["norm_rows"]:
                     yield cases.rotary_case(model, shape, rows, device, dtype, sweep)

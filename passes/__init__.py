@@ -13,6 +13,7 @@ from passes.lift_layer_norm import LiftLayerNormPass
 from passes.lift_rms_norm import LiftRmsNormPass
 from passes.lift_rotary import LiftRotaryPass
 from passes.linear_epilogue import LinearEpiloguePass
+from passes.norm_prologue import NormProloguePass
 from passes.qkv_fuse import QkvFusePass
 from passes.qkv_split import QkvSplitPass
 from passes.sdpa_masks import SdpaMasksPass
@@ -26,8 +27,9 @@ from passes.sdpa_masks import SdpaMasksPass
 # reads a boolean mask as it is: before sdpa_masks, which converts a boolean mask the layers'
 # SDPA calls share once, for the SDPA calls left); linear_epilogue turns
 # the projections left into fxkiln.linear, folding in an activation that is their only reader
-# (the lifted SiLU-and-mul of a fused gate_up too); fold_rotary folds each fxkiln.rotary_embedding
-# that only feeds an attention into it (before kernel_choice, which binds the rotary op to a
+# (the lifted SiLU-and-mul of a fused gate_up too); norm_prologue folds a norm whose output one
+# of those projections reads into it; fold_rotary folds each fxkiln.rotary_embedding that
+# only feeds an attention into it (before kernel_choice, which binds the rotary op to a
 # kernel and the attention op keeps); kernel_choice then binds every dispatch op, lifted or
 # written by the model, to its chosen kernel; cleanup last tidies up after the rewrites.
 PASSES: dict[str, type[GraphPass]] = {
@@ -42,6 +44,7 @@ PASSES: dict[str, type[GraphPass]] = {
     LiftCacheAttentionPass.name: LiftCacheAttentionPass,
     SdpaMasksPass.name: SdpaMasksPass,
     LinearEpiloguePass.name: LinearEpiloguePass,
+    NormProloguePass.name: NormProloguePass,
     FoldRotaryPass.name: FoldRotaryPass,
     KernelChoicePass.name: KernelChoicePass,
     CleanupPass.name: CleanupPass,
@@ -49,6 +52,6 @@ PASSES: dict[str, type[GraphPass]] = {
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "qkv_split", "qkv_fuse", "lift_rms_norm", "lift_add_rms_norm", "lift_layer_norm",
     "lift_add_layer_norm", "lift_act_and_mul", "lift_rotary", "lift_cache_attention",
-    "sdpa_masks", "linear_epilogue", "fold_rotary", "kernel_choice", "cleanup")
+    "sdpa_masks", "linear_epilogue", "norm_prologue", "fold_rotary", "kernel_choice", "cleanup")
 
 __all__ = ["DEFAULT_PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult"]

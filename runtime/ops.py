@@ -14,11 +14,11 @@ from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
 import runtime.kernels  # noqa: F401  (registers the implementations)
 from runtime import registry, settings
-from runtime.kernels.native import LINEAR_ACTIVATIONS
+from runtime.kernels.native import CARRIES, LINEAR_ACTIVATIONS, LINEAR_PROLOGUES
 
 DISPATCH_OPS = ("rms_norm", "fused_add_rms_norm", "layer_norm", "fused_add_layer_norm",
                 "silu_and_mul", "gelu_and_mul", "rotary_embedding", "rotary_cos_sin", "linear",
-                "cache_attention", "cache_update_attention")
+                "cache_attention", "cache_update_attention", "norm_linear", "add_norm_linear")
 
 
 def _dispatch(op: str, x: torch.Tensor, *args: Any) -> Any:
@@ -146,21 +146,101 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 @linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
       activation: str) -> torch.Tensor:
+    return _projected(x, weight, activation, x.dtype, "fxkiln.linear")
+
+
+def _projected(x: torch.Tensor, weight: torch.Tensor, activation: str, dtype: torch.dtype,
+               op: str) -> torch.Tensor:
+    """The (fake) output of projecting `x` by `weight` with `activation`, in `dtype`."""
     if activation not in LINEAR_ACTIVATIONS:
-        raise ValueError(f"fxkiln.linear: expected an activation in {sorted(LINEAR_ACTIVATIONS)}, "
+        raise ValueError(f"{op}: expected an activation in {sorted(LINEAR_ACTIVATIONS)}, "
                          f"found {activation!r}")
     features = weight.shape[0] // 2 if activation == "silu_and_mul" else weight.shape[0]
-    return x.new_empty((*x.shape[:-1], features))
+    return x.new_empty((*x.shape[:-1], features), dtype=dtype)
+
+
+def _normed_dtype(op: str, norm: str, sum_dtype: torch.dtype, norm_weight: torch.Tensor,
+                  norm_bias: torch.Tensor | None) -> torch.dtype:
+    """The dtype of the norm's output (what the projection reads), as the norm ops give it."""
+    if norm not in LINEAR_PROLOGUES:
+        raise ValueError(f"{op}: expected a norm in {sorted(LINEAR_PROLOGUES)}, found {norm!r}")
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError(f"{op}: expected no norm bias for norm 'rms', found a tensor "
+                         f"of shape {tuple(norm_bias.shape)}")
+    return sum_dtype if norm == "layer" else torch.promote_types(sum_dtype, norm_weight.dtype)
+
+
+@torch.library.custom_op("fxkiln::norm_linear", mutates_args=())
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
+                eps: float, norm: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                activation: str) -> torch.Tensor:
+    """linear(norm(x), weight, bias, activation): `norm` "rms" (rms_norm, no norm bias) or
+    "layer" (layer_norm), each exactly as its own op."""
+    return _dispatch("norm_linear", x, x, norm_weight, norm_bias, eps, norm, weight, bias,
+                     activation)
+
+
+@norm_linear.register_fake
+def _(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
+      norm: str, weight: torch.Tensor, bias: torch.Tensor | None,
+      activation: str) -> torch.Tensor:
+    dtype = _normed_dtype("fxkiln.norm_linear", norm, x.dtype, norm_weight, norm_bias)
+    return _projected(x, weight, activation, dtype, "fxkiln.norm_linear")
+
+
+@torch.library.custom_op("fxkiln::add_norm_linear", mutates_args=())
+def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                    norm_bias: torch.Tensor | None, eps: float, norm: str, weight: torch.Tensor,
+                    bias: torch.Tensor | None, activation: str,
+                    carry: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm or fused_add_layer_norm, then the projection of its normalized rows:
+    (projection, the rows the layer carries on: x + residual for `carry` "sum", the normalized
+    rows for "normed")."""
+    return _dispatch("add_norm_linear", x, x, residual, norm_weight, norm_bias, eps, norm, weight,
+                     bias, activation, carry)
+
+
+@add_norm_linear.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+      norm_bias: torch.Tensor | None, eps: float, norm: str, weight: torch.Tensor,
+      bias: torch.Tensor | None, activation: str, carry: str) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "fxkiln.add_norm_linear"
+    if carry not in CARRIES:
+        raise ValueError(f"{op}: expected carry in {list(CARRIES)}, found {carry!r}")
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    dtype = _normed_dtype(op, norm, sum_dtype, norm_weight, norm_bias)
+    return (_projected(x, weight, activation, dtype, op),
+            x.new_empty(x.shape, dtype=sum_dtype if carry == "sum" else dtype))
+
+
+def _projection_flops(x_shape: torch.Size, weight_shape: torch.Size) -> int:
+    """A projection's multiply-adds (the epilogue and a norm prologue are not counted, as for
+    F.linear and the norm ops)."""
+    rows = 1
+    for size in x_shape[:-1]:
+        rows *= size
+    return 2 * rows * weight_shape[0] * weight_shape[1]
 
 
 @register_flop_formula(torch.ops.fxkiln.linear)
 def _linear_flops(x_shape: torch.Size, weight_shape: torch.Size, *args: object,
                   **kwargs: object) -> int:
-    """The projection's multiply-adds (the epilogue is not counted, as for F.linear)."""
-    rows = 1
-    for size in x_shape[:-1]:
-        rows *= size
-    return 2 * rows * weight_shape[0] * weight_shape[1]
+    return _projection_flops(x_shape, weight_shape)
+
+
+@register_flop_formula(torch.ops.fxkiln.norm_linear)
+def _norm_linear_flops(x_shape: torch.Size, norm_weight_shape: torch.Size,
+                       norm_bias_shape: object, eps: object, norm: object,
+                       weight_shape: torch.Size, *args: object, **kwargs: object) -> int:
+    return _projection_flops(x_shape, weight_shape)
+
+
+@register_flop_formula(torch.ops.fxkiln.add_norm_linear)
+def _add_norm_linear_flops(x_shape: torch.Size, residual_shape: object,
+                           norm_weight_shape: torch.Size, norm_bias_shape: object, eps: object,
+                           norm: object, weight_shape: torch.Size, *args: object,
+                           **kwargs: object) -> int:
+    return _projection_flops(x_shape, weight_shape)
 
 
 @torch.library.custom_op("fxkiln::cache_attention", mutates_args=())

@@ -20,6 +20,26 @@ from runtime.registry import kernel_implementations
 # each a call of the chosen implementation of fxkiln.linear).
 LINEAR_TARGETS = (torch._C._nn.linear,
                   *(impl.fn for impl in kernel_implementations("linear").values()))
+# Where a compiled projection's weight is, by target: norm_prologue makes a projection fed by a
+# norm a call of fxkiln.norm_linear's / add_norm_linear's implementation, (x, [residual,] norm
+# weight, norm bias, eps, norm, weight, ...).
+PROJECTION_WEIGHT_INDEX = {
+    **{target: 1 for target in LINEAR_TARGETS},
+    **{impl.fn: 5 for impl in kernel_implementations("norm_linear").values()},
+    **{impl.fn: 6 for impl in kernel_implementations("add_norm_linear").values()},
+}
+
+
+def projections(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, torch.Tensor]]:
+    """(node, weight node, output value) of each projection of a compiled graph, norm-fed
+    ones included."""
+    found = []
+    for node in gm.graph.nodes:
+        index = PROJECTION_WEIGHT_INDEX.get(node.target) if node.op == "call_function" else None
+        if index is not None:
+            value = node.meta["val"]
+            found.append((node, node.args[index], value[0] if isinstance(value, tuple) else value))
+    return found
 
 
 def trace(module: torch.nn.Module, inputs: Sequence[Any] | None = None) -> fx.GraphModule:

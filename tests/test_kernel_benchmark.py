@@ -65,10 +65,13 @@ def test_gemv_tuning_adopts_up_to_the_last_row_count_that_wins() -> None:
 def test_cpu_smoke_run_writes_cases_and_suggestions(tmp_path: Path) -> None:
     from benchmarks import kernels
 
-    out = kernels.main(["--device", "cpu", "--kernels", "linear,norm", "--models", "bart-large",
-                        "--out", str(tmp_path / "k.json")])
+    out = kernels.main(["--device", "cpu", "--kernels", "linear,norm,norm_linear", "--models",
+                        "bart-large", "--out", str(tmp_path / "k.json")])
     result = json.loads(out.read_text())
-    assert [case["kernel"] for case in result["cases"]] == ["norm"] * 2 + ["linear"] * 4
+    assert [case["kernel"] for case in result["cases"]] == \
+        ["norm"] * 2 + ["norm_linear"] * 4 + ["linear"] * 4
+    assert all(set(case["peers_us"]) == {"triton norm, then GEMV"} for case in result["cases"]
+               if case["kernel"] == "norm_linear")
     assert all(case["check"]["ok"] for case in result["cases"])
     assert all("us" in variant for case in result["cases"] for variant in case["variants"])
     assert "GEMV_TUNING" in result["suggestions"] and result["skipped"] == []

@@ -8,3 +8,4 @@ from runtime.kernels import triton_lifted  # noqa: F401  (the ops the lifting pa
 if triton_kernels.triton_jit is not None:
     from runtime.kernels import triton_linear  # noqa: F401  (registers linear's "triton")
     from runtime.kernels import triton_cache_attention  # noqa: F401  (cache_attention's)
+    from runtime.kernels import triton_norm_linear  # noqa: F401  (and the norm + linear ops')

@@ -7,16 +7,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from runtime.kernels import prologue_jit
+
 # Epilogue codes (ACTIVATION) for the names of runtime.kernels.native.LINEAR_ACTIVATIONS
 # (constexpr globals: the only globals a jitted function may read).
 NONE, GELU, GELU_TANH, SILU_AND_MUL = (tl.constexpr(code) for code in range(4))
+# Prologue codes (PROLOGUE): the input rows as they are, or normalized by the kernel itself.
+NO_NORM, RMS_NORM, LAYER_NORM = (tl.constexpr(code) for code in range(3))
 
 
 @triton.jit
 def linear_rows_kernel(
-    out_ptr, x_ptr, weight_ptr, bias_ptr, rows, x_row_stride, weight_row_stride, out_row_stride,
-    OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    out_ptr, x_ptr, weight_ptr, bias_ptr, residual_ptr, sum_ptr, normed_ptr, norm_weight_ptr,
+    norm_bias_ptr, rows, x_row_stride, residual_row_stride, weight_row_stride, out_row_stride,
+    eps, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr, STORE_SUM: tl.constexpr, STORE_NORMED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program per BLOCK_N output features, for all `rows` (<= BLOCK_M) input rows at once, so
@@ -32,6 +39,17 @@ def linear_rows_kernel(
     compiled kernel per projection shape); the loop's weight loads are software-pipelined
     NUM_STAGES deep (tl.range: plain loads too, not only those feeding a dot). UPCAST runs the
     dots in float32 (Triton's CPU interpreter has no bfloat16 arithmetic).
+
+    PROLOGUE (RMS_NORM, LAYER_NORM) makes x the norm of the rows it points to [plus the
+    residual rows (HAS_RESIDUAL)] with the norm's weight [and bias], rounded as the norm kernel
+    rounds it, so the projection reads what it would have read from the norm kernel's output.
+    Program 0 writes, as it goes, the sum (STORE_SUM, to sum_ptr: the residual a pre-norm layer
+    carries on) or the normalized rows (STORE_NORMED, to normed_ptr: a post-norm layer's). Each
+    program computes the rows' statistics itself, one sweep of the (rows, IN_FEATURES) input
+    before its loop (two for LayerNorm) and re-reads the input tiles in the loop: a few KB per
+    program, from L2 after the first programs, against the BLOCK_N rows of weight it streams
+    from memory; what that saves is the norm's launch, its output's round trip through memory
+    and the gap between the two kernels.
     """
     block = tl.program_id(0)
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -41,6 +59,11 @@ def linear_rows_kernel(
     gate_rows = weight_ptr + cols.to(tl.int64)[:, None] * weight_row_stride   # (BLOCK_N, 1)
     up_rows = gate_rows + OUT_FEATURES * weight_row_stride
     dot_dtype = tl.float32 if UPCAST else weight_ptr.dtype.element_ty
+    if PROLOGUE != NO_NORM:
+        mean, rstd = prologue_jit.row_stats(
+            x_ptr, residual_ptr, sum_ptr, row_ids, row_mask, x_row_stride,
+            residual_row_stride, eps, IN_FEATURES, BLOCK_M, BLOCK_K, PROLOGUE == LAYER_NORM,
+            HAS_RESIDUAL)
     if BLOCK_M == 1:
         products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         up_products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -50,8 +73,23 @@ def linear_rows_kernel(
     for start in tl.range(0, IN_FEATURES, BLOCK_K, num_stages=NUM_STAGES):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < IN_FEATURES
-        x = tl.load(x_ptr + row_ids[:, None] * x_row_stride + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)      # (BLOCK_M, BLOCK_K)
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        if PROLOGUE == NO_NORM:
+            x = tl.load(x_ptr + row_ids[:, None] * x_row_stride + ks[None, :], mask=x_mask,
+                        other=0.0)                                            # (BLOCK_M, BLOCK_K)
+        else:
+            x = prologue_jit.summed_tile(x_ptr, residual_ptr, sum_ptr, row_ids, ks, x_mask,
+                                         x_row_stride, residual_row_stride, HAS_RESIDUAL)
+            first = x_mask & (block == 0)  # program 0 stores the rows a later op reads
+            if STORE_SUM:
+                tl.store(sum_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :],
+                         x.to(sum_ptr.dtype.element_ty), mask=first)
+            x = prologue_jit.normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr, sum_ptr,
+                                         out_ptr, ks, k_mask, x_mask, PROLOGUE == LAYER_NORM,
+                                         HAS_NORM_BIAS)
+            if STORE_NORMED:
+                tl.store(normed_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :], x,
+                         mask=first)
         w_mask = col_mask[:, None] & k_mask[None, :]
         weight = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)     # (BLOCK_N, BLOCK_K)
         if ACTIVATION == SILU_AND_MUL:

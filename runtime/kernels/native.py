@@ -70,6 +70,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return LINEAR_ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
+# The norms a projection can carry as its prologue (`fxkiln.norm_linear`'s `norm`): the norm
+# alone, and with the residual added first (the ops the pair replaces).
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              eps: float) -> torch.Tensor:
+    return rms_norm(x, weight, eps)
+
+
+def _fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused_add_rms_norm(x, residual, weight, eps)
+
+
+LINEAR_PROLOGUES: dict[str, tuple[Callable[..., torch.Tensor],
+                                  Callable[..., tuple[torch.Tensor, torch.Tensor]]]] = {
+    "rms": (_rms_norm, _fused_add_rms_norm),
+    "layer": (layer_norm, fused_add_layer_norm),
+}
+
+
+@register_kernel("norm_linear", "native", supports=_everywhere)
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
+                eps: float, norm: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                activation: str) -> torch.Tensor:
+    return linear(LINEAR_PROLOGUES[norm][0](x, norm_weight, norm_bias, eps), weight, bias,
+                  activation)
+
+
+# What `fxkiln.add_norm_linear` returns beside the projection: the rows a layer carries on.
+CARRIES = ("sum", "normed")  # x + residual (pre-norm layers), the norm's output (post-norm)
+
+
+@register_kernel("add_norm_linear", "native", supports=_everywhere)
+def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                    norm_bias: torch.Tensor | None, eps: float, norm: str, weight: torch.Tensor,
+                    bias: torch.Tensor | None, activation: str,
+                    carry: str) -> tuple[torch.Tensor, torch.Tensor]:
+    normed, summed = LINEAR_PROLOGUES[norm][1](x, residual, norm_weight, norm_bias, eps)
+    return linear(normed, weight, bias, activation), summed if carry == "sum" else normed
+
+
 @register_kernel("cache_attention", "native", supports=_everywhere)
 def cache_attention(
     query: torch.Tensor,        # (batch, heads, queries, head_dim)

@@ -117,28 +117,74 @@ def gemv_blocks(rows: int, in_features: int, block_n: int, budget: int) -> tuple
     return block_m, min(block_k, max(16, _next_power_of_2(in_features)))
 
 
+@dataclass(frozen=True)
+class NormPrologue:
+    """The norm a GEMV applies to its input rows first (runtime.kernels.triton_norm_linear).
+    Rows are (rows, in features); those the kernel writes are contiguous."""
+
+    norm: str                          # "rms" | "layer" ("none": no prologue)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+    residual: torch.Tensor | None      # added to the input rows before the norm
+    sum_rows: torch.Tensor             # of the sum's dtype; where the sum goes if `store_sum`
+    store_sum: bool = False
+    normed_out: torch.Tensor | None = None  # where the normalized rows go, if anyone reads them
+
+
+NORM_CODES = {"none": linear_jit.NO_NORM.value, "rms": linear_jit.RMS_NORM.value,
+              "layer": linear_jit.LAYER_NORM.value}
+
+
+def observed(x: torch.Tensor) -> bool:
+    """Whether a dispatch mode (FLOP counting) or fake tensors see this call."""
+    return isinstance(x, FakeTensor) or _get_current_dispatch_mode() is not None
+
+
+def takes_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether a call with input `x` runs the GEMV (else cuBLAS); never an observed call."""
+    in_features = x.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    return not observed(x) and 0 < rows <= max_rows and weight.stride(-1) == 1
+
+
+def gemv(out_rows: torch.Tensor, x_rows: torch.Tensor, weight: torch.Tensor,
+         bias: torch.Tensor | None, activation: str, block_n: int, budget: int, num_warps: int,
+         num_stages: int, prologue: NormPrologue | None = None) -> None:
+    """Launch the GEMV: out_rows (rows, out) = act([norm] x_rows (rows, in) W^T + b).
+    Pointers a call does not use are passed as some tensor of the call (never read)."""
+    rows, in_features = x_rows.shape
+    out_features = out_rows.shape[1]
+    block_m, block_k = gemv_blocks(rows, in_features, block_n, budget)
+    interpreted = triton_kernels.interpreter_active()
+    norm = prologue or NormPrologue("none", weight, None, 0.0, None, x_rows)
+    residual = x_rows if norm.residual is None else norm.residual
+    normed_out = x_rows if norm.normed_out is None else norm.normed_out
+    linear_jit.linear_rows_kernel[(-(-out_features // block_n),)](
+        out_rows, x_rows, weight, weight if bias is None else bias.contiguous(), residual,
+        norm.sum_rows, normed_out, norm.weight.contiguous(),
+        weight if norm.bias is None else norm.bias.contiguous(), rows, x_rows.stride(0),
+        residual.stride(0), weight.stride(0), out_rows.stride(0), norm.eps,
+        OUT_FEATURES=out_features, IN_FEATURES=in_features, HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation], PROLOGUE=NORM_CODES[norm.norm],
+        HAS_RESIDUAL=norm.residual is not None, HAS_NORM_BIAS=norm.bias is not None,
+        STORE_SUM=norm.store_sum, STORE_NORMED=norm.normed_out is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
+        UPCAST=interpreted,
+        DOT_PRECISION="ieee" if interpreted or out_rows.dtype == torch.float32 else "tf32",
+        num_warps=num_warps)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
            max_rows: int, block_n: int, budget: int, num_warps: int,
            num_stages: int) -> torch.Tensor:
-    in_features = x.shape[-1]
-    rows = x.numel() // in_features if in_features else 0
-    observed = isinstance(x, FakeTensor) or _get_current_dispatch_mode() is not None
-    if observed or not 0 < rows <= max_rows or weight.stride(-1) != 1:
-        return unfused(x, weight, bias, activation, observed)
+    if not takes_gemv(x, weight, max_rows):
+        return unfused(x, weight, bias, activation, observed(x))
     gated = activation == "silu_and_mul"
     out_features = weight.shape[0] // 2 if gated else weight.shape[0]
     out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
-    x_rows, out_rows = _rows(x), out.view(-1, out_features)  # (rows, in), (rows, out)
-    block_m, block_k = gemv_blocks(rows, in_features, block_n, budget)
-    interpreted = triton_kernels.interpreter_active()
-    linear_jit.linear_rows_kernel[(-(-out_features // block_n),)](
-        out_rows, x_rows, weight, weight if bias is None else bias.contiguous(), rows,
-        x_rows.stride(0), weight.stride(0), out_rows.stride(0), OUT_FEATURES=out_features,
-        IN_FEATURES=in_features, HAS_BIAS=bias is not None,
-        ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_STAGES=num_stages, UPCAST=interpreted,
-        DOT_PRECISION="ieee" if interpreted or x.dtype == torch.float32 else "tf32",
-        num_warps=num_warps)
+    gemv(out.view(-1, out_features), _rows(x), weight, bias, activation, block_n, budget,
+         num_warps, num_stages)  # (rows, out), (rows, in)
     return out
 
 

@@ -34,6 +34,15 @@ MODELS = {"llama-1b": (32, 8, 64, 2048), "llama-8b": (32, 8, 128, 4096),
 PROJECTIONS = ((3072, 1024, "none"), (1024, 1024, "none"), (4096, 1024, "gelu"),
                (1024, 4096, "none"), (3072, 2048, "none"), (2048, 2048, "none"),
                (8192, 2048, "silu_and_mul"), (2048, 8192, "none"), (6144, 4096, "none"))
+# The projections a norm feeds, with the norm as their prologue (norm, carried rows): BART's
+# QKV, cross-attention Q and fc1 after an add + LayerNorm (post-norm: the normalized rows
+# carried), Llama-1B's and Llama-8B's QKV and gate_up after an add + RMSNorm (the sum carried).
+NORMED_PROJECTIONS = ((3072, 1024, "none", "layer"), (1024, 1024, "none", "layer"),
+                      (4096, 1024, "gelu", "layer"), (3072, 2048, "none", "rms"),
+                      (8192, 2048, "silu_and_mul", "rms"), (6144, 4096, "none", "rms"),
+                      (14336, 4096, "silu_and_mul", "rms"))
+GEMV_POINTERS = ("out_ptr", "x_ptr", "weight_ptr", "bias_ptr", "residual_ptr", "sum_ptr",
+                 "normed_ptr", "norm_weight_ptr", "norm_bias_ptr")
 BF16 = "*bf16"
 ATTENTION_TYPES = {**{name: BF16 for name in ("out_ptr", "query_ptr", "key_ptr", "value_ptr",
                                               "key_cache_ptr", "value_cache_ptr")},
@@ -113,19 +122,24 @@ def configs() -> Iterator[Config]:
                    dict(IS_NEOX=True, QUERY_HEADS_BLOCK=constants[0],
                         KEY_HEADS_BLOCK=constants[1], HALF_BLOCK=constants[2],
                         PASS_BLOCK=constants[3]), constants[4])
-    for out_features, in_features, epilogue in PROJECTIONS:
+    for out_features, in_features, epilogue, norm in (
+            *((*shape, "none") for shape in PROJECTIONS), *NORMED_PROJECTIONS):
         tuning = triton_linear.gemv_tuning(out_features, in_features,
                                            epilogue == "silu_and_mul", 0, PROCESSORS)
+        prologue = "" if norm == "none" else f" {norm} prologue"
         for rows in (1, 8):
             block_m, block_k = triton_linear.gemv_blocks(rows, in_features, tuning.block_n,
                                                          tuning.budget)
-            yield (f"gemv {out_features}x{in_features} {epilogue} rows {rows}",
+            yield (f"gemv {out_features}x{in_features} {epilogue}{prologue} rows {rows}",
                    linear_jit.linear_rows_kernel,
-                   {name: BF16 for name in ("out_ptr", "x_ptr", "weight_ptr", "bias_ptr")},
+                   {name: BF16 for name in GEMV_POINTERS} | {"eps": "fp32"},
                    dict(OUT_FEATURES=out_features, IN_FEATURES=in_features, HAS_BIAS=True,
-                        ACTIVATION=triton_linear.ACTIVATION_CODES[epilogue], BLOCK_M=block_m,
-                        BLOCK_N=tuning.block_n, BLOCK_K=block_k, NUM_STAGES=tuning.num_stages,
-                        DOT_PRECISION="tf32", UPCAST=False),
+                        ACTIVATION=triton_linear.ACTIVATION_CODES[epilogue],
+                        PROLOGUE=triton_linear.NORM_CODES[norm], HAS_RESIDUAL=norm != "none",
+                        HAS_NORM_BIAS=norm == "layer", STORE_SUM=norm == "rms",
+                        STORE_NORMED=norm == "layer", BLOCK_M=block_m, BLOCK_N=tuning.block_n,
+                        BLOCK_K=block_k, NUM_STAGES=tuning.num_stages, DOT_PRECISION="tf32",
+                        UPCAST=False),
                    tuning.num_warps)
 
 
