@@ -39,22 +39,19 @@ def hf_model(architecture: str, device: str = "cpu") -> Any:
     return transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
 
 
-def expected_matches(architecture: str, folded: bool = True) -> dict[str, int]:
+def expected_matches(architecture: str) -> dict[str, int]:
     """Per decoder layer: two norms (both but the first layer's input norm after a residual
     add), one gated MLP, rotary on q and k; Qwen3 norms q and k per head; one final norm.
     Projections (fused qkv, o, fused gate_up, down per layer; the LM head) become fxkiln.linear,
-    SiLU-and-mul folded into gate_up's epilogue (Gemma's GELU-and-mul stays an op of its own).
-    The layers' two norms become the prologues of the projections reading them (`folded`: the
-    config pins no part's kernel apart), Qwen3's q/k norms (read by the rotary) and the final
-    one (the LM head reads it through a slice) do not."""
+    SiLU-and-mul folded into gate_up's epilogue (Gemma's GELU-and-mul stays an op of its own)."""
     qk_norms = 2 * LAYERS if ARCHITECTURES[architecture][2] else 0
     lifted = {"lift_rms_norm": 2 * LAYERS + 1 + qk_norms, "lift_add_rms_norm": 2 * LAYERS,
               "lift_act_and_mul": LAYERS, "lift_rotary": 2 * LAYERS,
-              "linear_epilogue": 4 * LAYERS + 1, "norm_prologue": 2 * LAYERS if folded else 0}
+              "linear_epilogue": 4 * LAYERS + 1}
     plain_norms = lifted["lift_rms_norm"] - lifted["lift_add_rms_norm"]
     unfolded_gates = LAYERS if architecture == "gemma" else 0
     lifted["kernel_choice"] = (plain_norms + 2 * LAYERS + unfolded_gates + 2 * LAYERS
-                               + lifted["linear_epilogue"] - lifted["norm_prologue"])
+                               + lifted["linear_epilogue"])
     return lifted
 
 
@@ -68,8 +65,7 @@ def compile_and_compare(architecture: str, config: CompileConfig, device: str = 
         actual = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     (report,) = backend.reports
-    folded = not any(op in config.kernels for op in ("rms_norm", "fused_add_rms_norm", "linear"))
-    for name, count in expected_matches(architecture, folded).items():
+    for name, count in expected_matches(architecture).items():
         assert report.passes[name].matches == count, (name, str(report))
     return report
 
@@ -79,9 +75,8 @@ def compile_and_compare(architecture: str, config: CompileConfig, device: str = 
 def test_every_idiom_lifts_and_logits_equal_eager(architecture: str) -> None:
     report = compile_and_compare(architecture, CompileConfig(device="cpu"))
     gates = {"gelu_and_mul"} if architecture == "gemma" else set()  # SiLU: in gate_up's epilogue
-    qk_norms = {"rms_norm"} if ARCHITECTURES[architecture][2] else set()  # read by the rotary
-    assert set(report.kernels) == {"norm_linear", "add_norm_linear", "fused_add_rms_norm",
-                                   "rotary_cos_sin", "linear", *gates, *qk_norms}
+    assert set(report.kernels) == {"rms_norm", "fused_add_rms_norm", "rotary_cos_sin", "linear",
+                                   *gates}
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Issue 15's correctness bar: fxkiln's BART and Llama, compiled with every Triton kernel chosen
 (grouped split decode attention with its fused cache write, add + LayerNorm, the decode GEMV
-with its fused GELU / SiLU-and-mul and its norm prologue, rotary folded into the attention) and whole decode steps replayed as one
+with its fused GELU / SiLU-and-mul, rotary folded into the attention) and whole decode steps replayed as one
 (simulated) graph, generate Hugging Face's greedy float32 tokens. On CPU the kernels run in
 Triton's interpreter; on the GPU (marked test) for real."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from compiler import CompileConfig, compile_model
 from models import from_hf
+from passes import DEFAULT_PIPELINE, NORM_PROLOGUE_PIPELINE
 from runtime import attention, generate
 from runtime.kernels import triton_kernels
 from runtime.registry import kernel_ops
@@ -25,7 +26,7 @@ STEPS = 5
 CPU_STEPS = 3  # interpreted: a prefill, then two decode steps replayed from one graph
 
 
-def _config(device: str) -> CompileConfig:
+def _config(device: str, passes: tuple[str, ...] = DEFAULT_PIPELINE) -> CompileConfig:
     # interpreted on CPU: only the bucket that batch 3 decodes in, and one prefill bucket, which
     # the 18-token prefill replays (each bucket's capture runs every kernel interpreted; the
     # default prefill buckets go up to 2048 tokens)
@@ -33,10 +34,11 @@ def _config(device: str) -> CompileConfig:
     prefill = {"prefill_capture_sizes": (24,)} if cpu else {}
     return CompileConfig(device=device, capture_sizes=(4,) if cpu else (1, 2, 4),
                          kernels=EVERY_TRITON, simulate_capture=cpu, kv_cache_tokens=256,
-                         **prefill)
+                         passes=passes, **prefill)
 
 
-def _tokens_equal_hf(kind: str, device: str, batch: int, seed: int) -> None:
+def _tokens_equal_hf(kind: str, device: str, batch: int, seed: int,
+                     passes: tuple[str, ...] = DEFAULT_PIPELINE) -> None:
     # interpreted on CPU: one layer (each launch is interpreted; every kernel, the add + norm
     # into the final norm included, runs in one); two on the GPU
     layers = 1 if device == "cpu" else 2
@@ -44,10 +46,11 @@ def _tokens_equal_hf(kind: str, device: str, batch: int, seed: int) -> None:
         if kind == "llama" else build_hf(kind, seed=seed, encoder_layers=layers,
                                          decoder_layers=layers)
     model = from_hf(hf).to(device)
-    compiled = compile_model(model, config=_config(device))
+    compiled = compile_model(model, config=_config(device, passes))
     assert set(compiled.report.kernels.values()) == {"triton"}
-    assert {"attention", "linear", "add_norm_linear",  # the layers' norms in their GEMVs
-            *(() if kind == "llama" else ("fused_add_layer_norm",))
+    folded = "norm_prologue" in passes  # the layers' norms in their GEMVs
+    norms = {"add_norm_linear"} if folded else {"rms_norm"} if kind == "llama" else set()
+    assert {"attention", "linear", *norms, *(() if kind == "llama" else ("fused_add_layer_norm",))
             } <= set(compiled.report.kernels)
     if kind == "llama":  # each rotary rides in its attention (rotated in the decode kernel)
         assert compiled.report.passes["fold_rotary"].matches == layers
@@ -73,8 +76,21 @@ def test_every_triton_kernel_generates_hf_tokens_interpreted(kind: str) -> None:
     _tokens_equal_hf(kind, "cpu", batch=3, seed=31)  # 3 sequences: one padding row in bucket 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_the_opt_in_norm_prologue_generates_hf_tokens_interpreted(kind: str) -> None:
+    """The norms folded into their GEMVs (the sum carried on for Llama, the normalized rows
+    for BART) give the same tokens."""
+    if not triton_kernels.interpreter_active():
+        pytest.skip("Triton kernels are not interpreted here")
+    _tokens_equal_hf(kind, "cpu", batch=3, seed=31, passes=NORM_PROLOGUE_PIPELINE)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["llama", "bart"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_every_triton_kernel_generates_hf_tokens_on_gpu(kind: str, batch: int) -> None:
-    _tokens_equal_hf(kind, "cuda", batch=batch, seed=32)
+@pytest.mark.parametrize("prologue", [False, True])
+def test_every_triton_kernel_generates_hf_tokens_on_gpu(kind: str, batch: int,
+                                                        prologue: bool) -> None:
+    _tokens_equal_hf(kind, "cuda", batch=batch, seed=32,
+                     passes=NORM_PROLOGUE_PIPELINE if prologue else DEFAULT_PIPELINE)
