@@ -159,6 +159,10 @@ class ShapePropagator:
     def __call__(self, gm: fx.GraphModule) -> RefreshStats:
         return self.incremental(gm, self.fake_mode, self.fake_inputs)
 
+    def follow_copy(self, gm: fx.GraphModule, copies: dict[fx.Node, fx.Node]) -> None:
+        """Refresh `gm`, an exact copy of the graph last refreshed, as that graph."""
+        self.incremental.follow_copy(gm, copies)
+
 
 def symbolic_propagator(example_inputs: Sequence[Any]) -> ShapePropagator:
     """Fake inputs whose dim 0 is dynamic, for graphs from `symbolic_trace`."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from compiler.capture import symbolic_propagator
+from compiler.capture import ShapePropagator, symbolic_propagator
 from compiler.config import CompileConfig
 from compiler.hf_capture import (UnsupportedModelError, capture_hf, max_positions,
                                  speech_features)
@@ -139,6 +139,12 @@ def _check_symbolic_streams(gm: fx.GraphModule) -> None:
 def serving_model(hf: Any) -> tuple[HFServingModel, list[PassRecord]]:
     """Capture and lower `hf`; check the result against `hf`. Returns the records of the
     serving passes too (for the compile report)."""
+    model, records, _ = _lowered(hf)
+    return model, records
+
+
+def _lowered(hf: Any) -> tuple[HFServingModel, list[PassRecord], ShapePropagator]:
+    """serving_model, and the propagator that refreshed the serving graph's shapes."""
     gm = capture_hf(hf)
     parameter = next(hf.parameters())
     inputs = example_inputs(hf.config, speech_features(hf), PROPAGATION_TOKENS,
@@ -161,17 +167,20 @@ def serving_model(hf: Any) -> tuple[HFServingModel, list[PassRecord]]:
                                     f"KV cache")
     model = HFServingModel(hf, gm, specs).eval()
     check_against_hf(hf, model)
-    return model, records
+    return model, records, refresh
 
 
 def compile_hf_model(hf: Any, config: CompileConfig, device: torch.device) -> Any:
     """compile_model's path for a Hugging Face model given without example inputs."""
     start = time.perf_counter()
-    model, records = serving_model(hf)
-    lowered = fx.GraphModule(model.graph_module, _copy(model.graph_module.graph),
-                             type(model.graph_module).__name__)
+    model, records, refresh = _lowered(hf)
+    graph, copies = _copy(model.graph_module.graph)
+    lowered = fx.GraphModule(model.graph_module, graph, type(model.graph_module).__name__)
+    # the pipeline refreshes the copy's shapes from the serving graph's (the same fake
+    # inputs: the model's example inputs), instead of propagating the whole graph again
+    refresh.follow_copy(lowered, copies)
     compiled = compile_traced_model(model, lowered, model.example_inputs(PROPAGATION_TOKENS),
-                                    config)
+                                    config, refresh)
     report = compiled.report
     report.frontend = "hf_serving"
     pipeline = list(report.passes.values())
@@ -217,7 +226,8 @@ def check_against_hf(hf: Any, model: HFServingModel) -> None:
                  type(hf).__name__, difference)
 
 
-def _copy(graph: fx.Graph) -> fx.Graph:
-    copied = fx.Graph()
-    copied.output(copied.graph_copy(graph, {}))
-    return copied
+def _copy(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A copy of `graph` (its nodes' meta too, values shared) and each node's copy."""
+    copied, copies = fx.Graph(), {}
+    copied.output(copied.graph_copy(graph, copies))
+    return copied, copies

@@ -93,9 +93,11 @@ def compile_traced(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any
 
 
 def compile_traced_model(model: torch.nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
-                         config: CompileConfig) -> CompiledModel:
-    """`compile_traced` on a freshly traced `gm` (shapes propagated here), as a CompiledModel."""
-    refresh = symbolic_propagator(inputs)
+                         config: CompileConfig, refresh: ShapePropagator | None = None
+                         ) -> CompiledModel:
+    """`compile_traced` on a traced `gm`, as a CompiledModel. Its shapes are propagated here
+    from `inputs`, or refreshed by `refresh`, a propagator of these inputs that `gm` follows."""
+    refresh = symbolic_propagator(inputs) if refresh is None else refresh
     refresh(gm)
     compiled = compile_traced(model, gm, inputs, refresh, config)
     return CompiledModel(compiled.run, compiled.report, config, compiled.graph_module, model)

@@ -9,7 +9,8 @@ the attribute a `get_attr`/`call_module` names) and the value it wrote. The next
 was overwritten since, or one of whose inputs came out with other metadata (shape with its
 symbolic expressions, stride, offset, dtype, device); its inputs come from the values already
 on the graph. Whatever it cannot follow (another graph or fake mode, changed placeholders,
-unbacked symbols, an op that changes its input's shape in place) gets the full propagation.
+unbacked symbols, an op that changes its input's shape in place) gets the full propagation,
+except an exact copy of the graph that the caller hands over (`follow_copy`).
 Both run without the fake-tensor cache: with symbolic sizes an entry costs more to make than
 the op it saves (the first propagation of a serving graph took 2.0 s with it, 0.9 s without),
 and the nodes a refresh re-runs are mostly new ones. `metadata_differences` compares a graph's
@@ -195,6 +196,16 @@ class IncrementalPropagation:
                      f"full ({reason})" if stats.full
                      else f"{len(stats.recomputed)} of {stats.nodes} nodes")
         return stats
+
+    def follow_copy(self, gm: fx.GraphModule, copies: dict[fx.Node, fx.Node]) -> None:
+        """`gm` is an exact copy of the graph last propagated (`copies`: each node's copy),
+        its nodes holding the same values: its next refresh re-runs only what changed since."""
+        last = self._last
+        if last is None or last.graph() is None:
+            return
+        nodes = {copies[node]: (fingerprint(gm, copies[node]), value)
+                 for node, (_, value) in last.nodes.items() if node in copies}
+        self._last = _Propagated(weakref.ref(gm.graph), last.mode, _placeholders(gm), nodes)
 
     def _full_reason(self, gm: fx.GraphModule, mode: FakeTensorMode) -> str:
         """Why the next refresh of `gm` must propagate the whole graph, or ''."""

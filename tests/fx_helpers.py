@@ -54,14 +54,17 @@ def trace(module: torch.nn.Module, inputs: Sequence[Any] | None = None) -> fx.Gr
 @contextmanager
 def checked_refreshes() -> Iterator[list[tuple[RefreshStats, list[str]]]]:
     """While open, every shape refresh (a ShapePropagator call: after capture and after each
-    pass that changed the graph) is followed by a full propagation of a copy of the graph; the
-    list gets each refresh's stats and how its values differ from the full one's."""
+    pass that changed the graph) that was incremental is followed by a full propagation of a
+    copy of the graph (a full refresh is one already); the list gets each refresh's stats and
+    how its values differ from the full one's."""
     checks: list[tuple[RefreshStats, list[str]]] = []
     refresh = ShapePropagator.__call__
 
     def checked(self: ShapePropagator, gm: fx.GraphModule) -> RefreshStats:
         stats = refresh(self, gm)
-        checks.append((stats, metadata_differences(gm, self.fake_mode, self.fake_inputs)))
+        differences = [] if stats.full else metadata_differences(gm, self.fake_mode,
+                                                                 self.fake_inputs)
+        checks.append((stats, differences))
         return stats
 
     ShapePropagator.__call__ = checked  # type: ignore[method-assign]  # restored below

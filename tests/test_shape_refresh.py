@@ -150,6 +150,20 @@ def test_another_graph_gets_a_full_propagation() -> None:
     assert stats.full and stats.reason == "another graph"
 
 
+def test_a_copy_it_follows_reruns_only_what_changed_in_it(run_nodes: list[str]) -> None:
+    """compile_hf_model's hand-over: the pipeline's copy of the serving graph is refreshed as
+    the graph it copies, not propagated again; what a pass changes in the copy is re-run."""
+    gm, refresh = propagated()
+    copies: dict[fx.Node, fx.Node] = {}
+    copy = fx.GraphModule(gm, _copied(gm.graph, copies))
+    refresh.follow_copy(copy, copies)
+    named(copy, "tanh").replace_input_with(named(copy, "linear_1"), named(copy, "linear"))
+    run_nodes.clear()
+    stats = refresh(copy)
+    assert not stats.full and run_nodes == list(stats.recomputed) == ["tanh", "output"]
+    assert metadata_differences(copy, refresh.fake_mode, refresh.fake_inputs) == []
+
+
 def test_another_fake_mode_gets_a_full_propagation() -> None:
     gm, refresh = propagated()
     other = symbolic_propagator(INPUTS)
@@ -268,7 +282,8 @@ def test_the_default_pipeline_leaves_the_values_a_full_propagation_gives(
     assert_fresh(checks)
 
 
-def _copied(graph: fx.Graph) -> fx.Graph:
+def _copied(graph: fx.Graph, copies: dict[fx.Node, fx.Node] | None = None) -> fx.Graph:
+    """A copy of `graph`; `copies` gets each node's copy."""
     copied = fx.Graph()
-    copied.output(copied.graph_copy(graph, {}))
+    copied.output(copied.graph_copy(graph, {} if copies is None else copies))
     return copied
