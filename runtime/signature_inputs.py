@@ -132,11 +132,15 @@ class Mirror:
         self.index, self.written = index, written
         self.buffer = value.to(device, copy=True)
         self.shadow = value.clone()
+        # the graph writes the buffer though the call never wrote the host input: an op that
+        # copied the host tensor (`counter.to(device)`, then `add_`) is a view of the device
+        # copy, so the buffer no longer holds the shadow's value after a replay
+        self.clobbered = False
 
     def load(self, value: torch.Tensor, force: bool = False) -> bool:
         """Refresh the device copy if `value` differs from it (always when `force`: a warm-up
-        may have written the buffer); whether it copied."""
-        if not force and torch.equal(value, self.shadow):
+        may have written the buffer; and when the graph clobbers it); whether it copied."""
+        if not force and not self.clobbered and torch.equal(value, self.shadow):
             return False
         self.buffer.copy_(value)
         self.shadow.copy_(value)

@@ -235,11 +235,18 @@ class SignatureRunner:
                 self._run(StepDescriptor(StepMode.WARMUP, key), staged.args)
             snapshot.restore()
             staged.load(args, force=True)  # the warm-up may have written the buffers, mirrors too
+        versions = [mirror.buffer._version for mirror in staged.mirrors]
         if self.split is None:
-            return self.graph_device.capture_graph(self._tracker, staged.args, key=key,
-                                                   keep_outputs=True,
-                                                   host_scalars=self.host_scalars)
-        return None, self._run(StepDescriptor(StepMode.CAPTURE, key), staged.args)
+            recorded = self.graph_device.capture_graph(self._tracker, staged.args, key=key,
+                                                       keep_outputs=True,
+                                                       host_scalars=self.host_scalars)
+        else:
+            recorded = None, self._run(StepDescriptor(StepMode.CAPTURE, key), staged.args)
+        for mirror, version in zip(staged.mirrors, versions):
+            # found on the H200: a compiled prefill's `cumulative_length.to(device).add_(n)`
+            # advanced the device copy of a StaticCache's fresh host counter at every replay
+            mirror.clobbered = not mirror.written and mirror.buffer._version != version
+        return recorded
 
     def _run(self, step: StepDescriptor, args: Sequence[Any]) -> Any:
         if self.split is None:

@@ -368,3 +368,29 @@ def test_a_moved_static_address_tensor_is_captured_again(replays: list) -> None:
                 torch.testing.assert_close(runner(x, total), expected * 2)
             torch.testing.assert_close(total, expected)
     assert len(replays) == 2 * 2  # per total: watched, captured, two replays
+
+
+def _count_a_copy(x: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    advanced = counter.contiguous()  # a copy of a strided host tensor, a view of its mirror
+    advanced.add_(1)
+    return x * advanced.sum()
+
+
+def test_a_mirror_the_graph_writes_through_a_view_is_loaded_before_every_replay(
+        replays: list) -> None:
+    """The call never writes the host tensor, but the graph writes its device copy: on CUDA,
+    `counter.to(device)` of a StaticCache's host counter copies in eager and is the mirror
+    itself in the graph, so `add_` advanced the mirror at every replay (a compiled prefill
+    wrote its cache past the end: a device-side assert on the H200). Here `.contiguous()` of a
+    strided host tensor plays that part."""
+    counter = torch.zeros(4)[::2]   # (2,), stride 2: its mirror is contiguous
+    inputs = GraphInputs(frozenset(), static_shapes=True, mirrored=frozenset({1}),
+                         device=torch.device("cpu"))
+    runner = SignatureRunner(fx.symbolic_trace(_count_a_copy), inputs,
+                             [torch.randn(3), counter],
+                             graph_device=SimulatedGraphDevice("cpu"), capture_sizes=SIZES)
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(3)
+            torch.testing.assert_close(runner(x, counter), x * 2)
+    assert len(replays) == 3 and not torch.any(counter)
