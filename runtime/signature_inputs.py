@@ -27,6 +27,8 @@ with nn modules inlined, every parameter and buffer. For a replay, each tensor i
   replay only when the input's value differs from what the copy holds (compared on the host
   with a shadow copy, so writes that bump no version counter are seen too): a host-to-device
   copy from pageable memory waits for the device, a host comparison of a counter does not.
+  A copy the graph writes though the call never writes the input (`counter.to(device)` is a
+  copy in eager and the device copy itself in the graph) is loaded before every replay.
 
 The signature of a call is what fixes its graph: the shapes of the tensor inputs other than
 the declared static ones (Dynamo's guards fix those), the values of the other inputs (sizes),

@@ -17,12 +17,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from runtime.kernels import attention_jit, cache_attention_jit, native, triton_kernels
 from runtime.kernels.decode_attention import decode_plan, reduce_warps
-from runtime.kernels.triton_kernels import _next_power_of_2, _static, device_processors
+from runtime.kernels.triton_kernels import (_next_power_of_2, _static, device_processors,
+                                            observed)
 from runtime.kv_cache import AttentionSpec
 from runtime.registry import register_kernel
 
@@ -96,8 +95,7 @@ def _mask_kind(mask: torch.Tensor | None) -> int:
 def cache_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     mask: torch.Tensor | None, scale: float, *plan: int) -> torch.Tensor:
     """`plan`: the fields of the call's CachePlan (from `cache_attention_constants`)."""
-    observed = isinstance(query, FakeTensor) or _get_current_dispatch_mode() is not None
-    if observed or query.shape[2] != 1:
+    if observed(query) or query.shape[2] != 1:
         return native.cache_attention(query, key_cache, value_cache, mask, scale)
     return _launch(query, key_cache, value_cache, mask, scale, CachePlan(*plan), None)
 
@@ -109,8 +107,7 @@ def cache_update_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     """The caches take key and value at `position`, then cache_attention reads them: one
     launch. The caches' version counters move as index_copy_ moves them (the runners see
     in-place writes by them)."""
-    observed = isinstance(query, FakeTensor) or _get_current_dispatch_mode() is not None
-    if observed or query.shape[2] != 1:
+    if observed(query) or query.shape[2] != 1:
         return native.cache_update_attention(query, key, value, position, key_cache,
                                              value_cache, mask, scale)
     out = _launch(query, key_cache, value_cache, mask, scale, CachePlan(*plan),

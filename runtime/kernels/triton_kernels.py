@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from runtime.registry import register_kernel
 
@@ -77,6 +78,12 @@ def _static(size: Any, what: str) -> int:
     if isinstance(size, int):
         return size
     raise ValueError(f"triton kernels: expected a static {what}, found symbolic size {size}")
+
+
+def observed(x: torch.Tensor) -> bool:
+    """Whether a dispatch mode (FLOP counting) or fake tensors see this call: Triton kernels are
+    invisible to both, so such a call runs the native ops."""
+    return isinstance(x, FakeTensor) or _get_current_dispatch_mode() is not None
 
 
 def _next_power_of_2(n: int) -> int:

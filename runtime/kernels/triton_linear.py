@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from runtime.kernels import linear_jit, triton_kernels
 from runtime.kernels.native import LINEAR_ACTIVATIONS
-from runtime.kernels.triton_kernels import _next_power_of_2, _rows, _static, device_processors
+from runtime.kernels.triton_kernels import (_next_power_of_2, _rows, _static, device_processors,
+                                            observed)
 from runtime.registry import register_kernel
 
 ACTIVATION_CODES = {name: code.value for name, code in (
@@ -134,11 +133,6 @@ class NormPrologue:
 
 NORM_CODES = {"none": linear_jit.NO_NORM.value, "rms": linear_jit.RMS_NORM.value,
               "layer": linear_jit.LAYER_NORM.value}
-
-
-def observed(x: torch.Tensor) -> bool:
-    """Whether a dispatch mode (FLOP counting) or fake tensors see this call."""
-    return isinstance(x, FakeTensor) or _get_current_dispatch_mode() is not None
 
 
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:

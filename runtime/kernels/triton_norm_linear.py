@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from runtime.kernels import native, triton_kernels
-from runtime.kernels.triton_kernels import _norm, _norm_constants, _rows
-from runtime.kernels.triton_linear import (NormPrologue, gemv, linear_constants, observed,
+from runtime.kernels.triton_kernels import _norm, _norm_constants, _rows, observed
+from runtime.kernels.triton_linear import (NormPrologue, gemv, linear_constants,
                                            takes_gemv, unfused)
 from runtime.registry import register_kernel
 
