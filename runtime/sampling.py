@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+import runtime.kernels  # noqa: F401  (registers the argmax implementations)
+from runtime import registry
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -93,11 +96,13 @@ class TokenChooser:
     token at different steps). Draws are made in order of k and kept until `release`.
     """
 
-    def __init__(self, params: SamplingParams, batch: int, device: torch.device) -> None:
-        self.params, self.batch = params, batch
+    def __init__(self, params: SamplingParams, batch: int, device: torch.device,
+                 argmax: str = registry.AUTO) -> None:
+        self.params, self.batch, self.argmax = params, batch, argmax
         self.generator: torch.Generator | None = None
         self._draws: dict[int, torch.Tensor] = {}
         self._next_draw = 0
+        self._argmax: dict[tuple[torch.device, torch.dtype], registry.KernelImpl] = {}
         if params.do_sample:
             self.generator = torch.Generator(device=device)
             if params.seed is None:
@@ -113,11 +118,22 @@ class TokenChooser:
         None: the next draw, as when every sequence steps in lockstep.
         """
         if self.generator is None:
-            return logits.argmax(dim=-1)
+            return self._first_max(logits)
         probs = sampling_probs(logits, self.params)                    # (running, vocab)
         noise = self._noise(probs, rows, token_index)                  # (running, vocab)
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)                # 0 would make p / 0 = inf
-        return (probs / noise).argmax(dim=-1)
+        return self._first_max(probs / noise)
+
+    def _first_max(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (running, vocab) -> each row's argmax, through the implementation of the
+        `argmax` kernel named `self.argmax`, chosen once per device and dtype ("auto": Triton's
+        two-stage kernel on CUDA, `torch.argmax` on CPU); no setting is read per step."""
+        key = (scores.device, scores.dtype)
+        impl = self._argmax.get(key)
+        if impl is None:
+            impl = self._argmax[key] = registry.choose_kernel("argmax", self.argmax,
+                                                              scores.device, scores.dtype)
+        return impl.fn(*impl.call_args((scores,)))
 
     def release(self, before: int) -> None:
         """Forget the draws of token indices below `before` (no sequence needs them again)."""

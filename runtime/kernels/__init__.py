@@ -9,3 +9,4 @@ if triton_kernels.triton_jit is not None:
     from runtime.kernels import triton_linear  # noqa: F401  (registers linear's "triton")
     from runtime.kernels import triton_cache_attention  # noqa: F401  (cache_attention's)
     from runtime.kernels import triton_norm_linear  # noqa: F401  (and the norm + linear ops')
+    from runtime.kernels import triton_argmax  # noqa: F401  (argmax's, for the greedy token)

@@ -13,6 +13,12 @@ def _everywhere(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
+@register_kernel("argmax", "native", supports=_everywhere)
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x (..., vocab) -> the index of each row's first maximum (a NaN above every number)."""
+    return x.argmax(-1)
+
+
 @register_kernel("rms_norm", "native", supports=_everywhere)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x_fp32 = x.float()
