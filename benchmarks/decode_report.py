@@ -51,7 +51,11 @@ NOTES = {  # what the figures of a row mean, written into every result
     "kernels_per_step": "fxkiln rows on CUDA: the kernel census (benchmarks/kernel_census.py) "
                         "of 5 decode steps run again over the timed context under torch.profiler:"
                         " compute kernels per step and their time (kernel_ms_per_step), copies "
-                        "and memsets apart, by category, and the costliest kernels",
+                        "and memsets apart, by category, and the costliest kernels; "
+                        "busy_ms_per_step: the time at least one kernel runs. fxkiln's decode "
+                        "kernels launch as programmatic dependents on Hopper: each starts, and "
+                        "waits, before the one before ends, so kernel ms (and each kernel's us) "
+                        "include that wait and can exceed the step",
 }
 
 

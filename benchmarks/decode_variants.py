@@ -5,7 +5,9 @@ one row (a dict) that the child prints as one JSON line. Every variant sees the 
 (`models.presets.hf_model`, seed 0), the same prompts and the same first decode tokens (drawn
 from a seeded CPU generator), and the same context: a prompt of CONTEXT - steps tokens (and
 CONTEXT encoder tokens for BART), then warm-up and timed steps of one new token per sequence,
-each step feeding the argmax of the last one.
+each step feeding the greedy token of the last one: picked as each variant's own `generate`
+picks it (`torch.argmax` for Hugging Face's, `runtime.generate`'s token chooser for fxkiln's,
+whose argmax is a Triton kernel on CUDA).
 
 Hugging Face variants drive the HF model's forward directly: prefill (the encoder, and the
 decoder prompt) runs once, uncompiled, through the base model (no LM head over the prompt);
@@ -66,10 +68,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token as Hugging Face `generate` picks it."""
+    return logits.argmax(-1)
+
+
 def time_steps(step: Callable[[torch.Tensor], torch.Tensor], first_tokens: torch.Tensor,
-               device: torch.device, before_step: Callable[[], None] | None = None
-               ) -> StepTiming:
-    """Run WARMUP_STEPS + TIMED_STEPS decode steps of `step(tokens (batch,)) -> (batch, vocab)`.
+               device: torch.device, before_step: Callable[[], None] | None = None,
+               pick: Callable[[torch.Tensor], torch.Tensor] = torch_argmax) -> StepTiming:
+    """Run WARMUP_STEPS + TIMED_STEPS decode steps of `step(tokens (batch,)) -> (batch, vocab)`,
+    each one's tokens `pick(logits)` (the greedy token as the variant's own generate picks it).
 
     Each step is synchronized and timed on the wall clock (host overhead counts, as it does for
     a user); the median is over the timed steps only.
@@ -81,7 +89,7 @@ def time_steps(step: Callable[[torch.Tensor], torch.Tensor], first_tokens: torch
         sync(device)
         start = time.perf_counter()
         logits = step(tokens)                 # (batch, vocab)
-        tokens = logits.argmax(-1)            # (batch,)
+        tokens = pick(logits)                 # (batch,)
         sync(device)
         seconds.append(time.perf_counter() - start)
         if index == 0:
@@ -207,6 +215,14 @@ def our_session(step_model: Any, spec_model: Any, batch: int, made: dict[str, to
     return session, state is not None and session.kv_caches is state.kv_caches
 
 
+def greedy_chooser(batch: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The greedy token as `runtime.generate` picks it: its token chooser, whose argmax is the
+    kernel chosen for the device (Triton's on CUDA)."""
+    from runtime.sampling import SamplingParams, TokenChooser
+
+    return TokenChooser(SamplingParams(), batch, device)
+
+
 def run_variant(model_name: str, variant: str, batches: list[int], device: torch.device
                 ) -> Any:
     """Yield one row per batch for (model, variant): timings, compile and capture figures."""
@@ -232,9 +248,10 @@ def run_variant(model_name: str, variant: str, batches: list[int], device: torch
             if ours:
                 session, whole_steps = our_session(ours["step_model"], ours["model"], batch,
                                                    made, device)
-                timing = time_steps(session.decode, made["first_tokens"], device)
+                pick = greedy_chooser(batch, device)
+                timing = time_steps(session.decode, made["first_tokens"], device, pick=pick)
                 row.update(ours["figures"], runner_kv_caches=whole_steps)
-                row.update(session_census(session, made["first_tokens"], device) or {})
+                row.update(session_census(session, made["first_tokens"], device, pick) or {})
                 del session  # releases the runner's caches for the next batch's session
                 gc.collect()
             else:

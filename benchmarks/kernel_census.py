@@ -5,6 +5,10 @@ and runs that many decode steps under torch.profiler (CUDA activity only: kernel
 memsets, including the kernels inside replayed CUDA graphs). The per-step figures are what
 `summarize` makes of the device events:
     kernels_per_step, kernel_ms_per_step   compute kernels (copies and memsets not counted)
+    busy_ms_per_step                       time at least one compute kernel runs: kernels that
+                                           launch as programmatic dependents start (and wait)
+                                           before the one before ends, so their durations add
+                                           up to more than the device's busy time
     copies_per_step, copy_ms_per_step      memcpy / memset activities
     category_ms_per_step                   kernel ms by what the kernel's name says it is
     top_kernels                            the costliest kernel names, calls and us per step
@@ -29,6 +33,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ("norm",)),
     ("rotary", ("rotary", "rope")),
     ("activation", ("silu", "gelu", "act_and_mul")),
+    ("sampling", ("argmax",)),   # the greedy token: torch's ArgMax reduction or fxkiln's kernels
     ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce_kernel", "index",
                      "gather", "scatter", "cat")),
 )
@@ -75,6 +80,16 @@ def summarize(events: Iterable[tuple[str, float]], steps: int) -> dict[str, Any]
     }
 
 
+def busy_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """Microseconds covered by at least one of the (start, end) intervals."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
+
+
 def kernel_census(step: Callable[[], Any], device: torch.device,
                   steps: int = CENSUS_STEPS) -> dict[str, Any] | None:
     """The census of `steps` calls of `step()` on a CUDA device; None elsewhere."""
@@ -86,15 +101,22 @@ def kernel_census(step: Callable[[], Any], device: torch.device,
         for _ in range(steps):
             step()
         torch.cuda.synchronize(device)
-    device_events = ((event.name, event.time_range.elapsed_us()) for event in profile.events()
-                     if event.device_type == torch.autograd.DeviceType.CUDA)
-    return summarize(device_events, steps)
+    device_events = [event for event in profile.events()
+                     if event.device_type == torch.autograd.DeviceType.CUDA]
+    census = summarize(((event.name, event.time_range.elapsed_us()) for event in device_events),
+                       steps)
+    kernels = ((event.time_range.start, event.time_range.end) for event in device_events
+               if not any(marker in event.name.lower() for marker in COPY_MARKERS))
+    census["busy_ms_per_step"] = busy_us(kernels) / steps / 1e3
+    return census
 
 
 def session_census(session: Any, tokens: torch.Tensor, device: torch.device,
+                   pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    steps: int = CENSUS_STEPS) -> dict[str, Any] | None:
-    """The census of `steps` decode steps of a prefilled `DecodeSession`, run over the last
-    `steps` positions it has already decoded (the context stays where the timing left it)."""
+    """The census of `steps` decode steps of a prefilled `DecodeSession`, each one's tokens
+    `pick(logits)` (default torch's argmax), run over the last `steps` positions it has already
+    decoded (the context stays where the timing left it)."""
     if device.type != "cuda":
         return None
     if min(session.context_lens) <= steps:
@@ -104,6 +126,7 @@ def session_census(session: Any, tokens: torch.Tensor, device: torch.device,
     current = [tokens]
 
     def step() -> None:
-        current[0] = session.decode(current[0]).argmax(-1)
+        logits = session.decode(current[0])
+        current[0] = logits.argmax(-1) if pick is None else pick(logits)
 
     return kernel_census(step, device, steps)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.kernel_census import category, kernel_census, session_census, summarize
+from benchmarks.kernel_census import (busy_us, category, kernel_census, session_census,
+                                      summarize)
 
 EVENTS = [  # two steps of a made-up decode step: (kernel name, microseconds)
     ("sm90_xmma_gemm_bf16bf16_bf16f32", 10.0), ("norm_rows_kernel", 2.0),
@@ -28,10 +29,20 @@ def test_summarize_averages_per_step_and_keeps_copies_apart() -> None:
     assert top[0]["calls_per_step"] == 1.0 and top[0]["us_per_step"] == 11.0
 
 
+def test_busy_time_counts_overlapping_kernels_once() -> None:
+    # a kernel launched as a dependent starts (and waits) before the one before it ends
+    assert busy_us([(0.0, 10.0), (8.0, 12.0), (20.0, 21.0), (20.5, 20.7)]) == pytest.approx(13.0)
+    assert busy_us([(5.0, 6.0), (0.0, 2.0)]) == pytest.approx(3.0)   # in any order
+    assert busy_us([]) == 0.0
+
+
 def test_categories_and_bad_step_counts() -> None:
     assert category("ampere_bf16_s16816gemm_bf16_128x64") == "gemm"
     assert category("triton_red_fused_add_native_layer_norm_0") == "norm"
     assert category("rotary_kernel") == "rotary"
+    assert category("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16, "
+                    "at::native::ArgMaxOps") == "sampling"
+    assert category("argmax_blocks_kernel") == "sampling"
     assert category("some_unknown_kernel") == "other"
     with pytest.raises(ValueError, match="steps >= 1"):
         summarize(EVENTS, steps=0)
@@ -60,5 +71,6 @@ def test_census_of_a_compiled_decode_step_on_gpu() -> None:
     census = session_census(session, tokens, device, steps=3)
     assert census is not None and census["census_steps"] == 3
     assert census["kernels_per_step"] >= 10 and census["kernel_ms_per_step"] > 0
+    assert 0 < census["busy_ms_per_step"] <= census["kernel_ms_per_step"] * (1 + 1e-9)
     assert census["category_ms_per_step"].get("attention", 0) > 0
     assert session.context_lens == [10, 10]  # rewound by 3, then three steps
