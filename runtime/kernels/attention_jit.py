@@ -37,7 +37,7 @@ def grouped_decode_attention_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
     COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_NEW: tl.constexpr,
     ROTARY: tl.constexpr, IS_NEOX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DEPENDENT: tl.constexpr = False,
 ):
     """Program (sequence, KV head, split): the KV head's whole query group (GROUP query heads)
     over the split's share of the sequence's cached positions, so each K/V row is loaded once
@@ -57,7 +57,10 @@ def grouped_decode_attention_kernel(
     halves, as `rotary_kernel` does it, rounded to their dtype), so the cache gets the rotated
     key. The products run in the cache dtype (float32 accumulation);
     UPCAST runs them in float32 (Triton's CPU interpreter has no bfloat16 arithmetic).
+    DEPENDENT: launched as a programmatic dependent (`triton_kernels.dependent_launch`).
     """
+    if DEPENDENT:
+        tl.extra.cuda.gdc_wait()  # the kernels before have finished: their writes are visible
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -97,6 +100,8 @@ def grouped_decode_attention_kernel(
         acc, running_max, running_sum = _fold_block(acc, running_max, running_sum, query, key,
                                                     value, valid, scale, DOT_PRECISION)
         start += BLOCK_N
+    if DEPENDENT:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start (and wait for this)
     if WRITE_NEW:
         newest = seq_len - 1
         if (newest >= lo) & (newest < hi):
@@ -211,9 +216,12 @@ def _arrive_and_combine(out_ptr, partial_ptr, stats_ptr, arrivals_ptr, row, kv_h
 @triton.jit
 def decode_reduce_kernel(out_ptr, partial_ptr, stats_ptr, out_row_stride, stats_plane, splits,
                          NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, DEPENDENT: tl.constexpr = False):
     """Program (sequence, query head): combine the `splits` partials of the split decode kernel
-    (the separate-launch form of its COMBINE)."""
+    (the separate-launch form of its COMBINE). DEPENDENT: as the decode kernel's."""
+    if DEPENDENT:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # one wave of small programs: let the next start
     _combine_head(out_ptr, partial_ptr, stats_ptr, tl.program_id(0).to(tl.int64),
                   tl.program_id(1), out_row_stride, stats_plane, splits, NUM_HEADS, HEAD_SIZE,
                   BLOCK_S, BLOCK_D)

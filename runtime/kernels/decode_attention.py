@@ -196,7 +196,7 @@ def launch_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             PARTIAL=plan.splits > 1, COMBINE=arrivals is not None,
             BLOCK_S=_next_power_of_2(plan.splits), WRITE_NEW=fuse, ROTARY=rotary is not None,
             IS_NEOX=rotary is None or rotary.is_neox, UPCAST=interpreted,
-            num_warps=plan.num_warps,
+            num_warps=plan.num_warps, **triton_kernels.dependent_options(query.device),
             DOT_PRECISION="ieee" if interpreted or cache.key.dtype == torch.float32 else "tf32")
     except BaseException:
         if arrivals is not None:  # a launch that failed part-way (interpreted) may have counted
@@ -207,7 +207,7 @@ def launch_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             out, partial, stats, out.stride(0), stats.stride(0), plan.splits,
             NUM_HEADS=spec.num_heads, HEAD_SIZE=spec.head_size,
             BLOCK_S=_next_power_of_2(plan.splits), BLOCK_D=plan.block_d,
-            num_warps=reduce_warps(plan))
+            num_warps=reduce_warps(plan), **triton_kernels.dependent_options(query.device))
 
 
 def _split_workspace(spec: AttentionSpec, rows: int, plan: DecodePlan, device: torch.device,

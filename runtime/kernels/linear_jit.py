@@ -25,6 +25,7 @@ def linear_rows_kernel(
     HAS_NORM_BIAS: tl.constexpr, STORE_SUM: tl.constexpr, STORE_NORMED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DEPENDENT: tl.constexpr = False,
 ):
     """Program per BLOCK_N output features, for all `rows` (<= BLOCK_M) input rows at once, so
     each weight element is read once: out = act(x W^T + b).
@@ -50,7 +51,14 @@ def linear_rows_kernel(
     program, from L2 after the first programs, against the BLOCK_N rows of weight it streams
     from memory; what that saves is the norm's launch, its output's round trip through memory
     and the gap between the two kernels.
+
+    DEPENDENT: launched as a programmatic dependent (`triton_kernels.dependent_launch`): wait
+    for the kernels before, then let the next one launch (its programs wait for this one's end;
+    a trigger after the loop made the 8-row tl.dot path of some shapes spill on sm_90).
     """
+    if DEPENDENT:
+        tl.extra.cuda.gdc_wait()  # the kernels before have finished: their writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start, to wait for this one
     block = tl.program_id(0)
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < OUT_FEATURES

@@ -15,7 +15,7 @@ def norm_rows_kernel(
     out_ptr, residual_out_ptr, x_ptr, residual_ptr, weight_ptr, bias_ptr,
     x_row_stride, residual_row_stride, hidden, eps,
     HAS_RESIDUAL: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DEPENDENT: tl.constexpr = False,
 ):
     """One program per row: [residual_out = x + residual;] out = norm(row) * weight [+ bias],
     the norm being RMSNorm or (LAYER_NORM) LayerNorm.
@@ -24,7 +24,10 @@ def norm_rows_kernel(
     implementation rounds (half-precision products of two rounded values are exact in float32,
     so this reproduces them): RMSNorm rounds the normalized row before the weight, LayerNorm
     (as `F.layer_norm`) only its result. Triton's CPU interpreter has no bfloat16 arithmetic.
+    DEPENDENT: launched as a programmatic dependent (`triton_kernels.dependent_launch`).
     """
+    if DEPENDENT:
+        tl.extra.cuda.gdc_wait()  # the kernels before have finished: their writes are visible
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < hidden
@@ -33,6 +36,9 @@ def norm_rows_kernel(
     if HAS_RESIDUAL:
         x_dtype = residual_out_ptr.dtype.element_ty
         residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
+    if DEPENDENT:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start (and wait for this)
+    if HAS_RESIDUAL:
         x = (x + residual.to(tl.float32)).to(x_dtype)
         tl.store(residual_out_ptr + row * hidden + cols, x, mask=mask)
         x = x.to(tl.float32)

@@ -166,7 +166,7 @@ def gemv(out_rows: torch.Tensor, x_rows: torch.Tensor, weight: torch.Tensor,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
         UPCAST=interpreted,
         DOT_PRECISION="ieee" if interpreted or out_rows.dtype == torch.float32 else "tf32",
-        num_warps=num_warps)
+        num_warps=num_warps, **triton_kernels.dependent_options(out_rows.device))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,

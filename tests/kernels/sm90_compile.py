@@ -50,7 +50,7 @@ ATTENTION_TYPES = {**{name: BF16 for name in ("out_ptr", "query_ptr", "key_ptr",
                    "seq_lens_ptr": "*i32", "slots_ptr": "*i64", "arrivals_ptr": "*i32",
                    "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "scale": "fp32"}
 Config = tuple[str, Any, dict[str, str], dict[str, Any], int]  # label, kernel, types, consts, warps
-ALIGNED_SIZES = ("hidden", "head_size", "half_rotary")  # multiples of 16 in these models
+ALIGNED_SIZES = ("hidden", "head_size", "half_rotary", "vocab")  # multiples of 16 here (Llama)
 
 
 def usage(kernel: Any, types: dict[str, str], constexprs: dict[str, Any],
@@ -97,12 +97,12 @@ def configs() -> Iterator[Config]:
                            BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, PARTIAL=plan.splits > 1,
                            COMBINE=combine, BLOCK_S=block_s, WRITE_NEW=plan.fuse_write,
                            ROTARY=model.startswith("llama"), IS_NEOX=True,
-                           DOT_PRECISION="tf32", UPCAST=False), plan.num_warps)
+                           DOT_PRECISION="tf32", UPCAST=False, DEPENDENT=True), plan.num_warps)
             if plan.splits > 1:
                 yield (f"reduce {model} batch {batch}", attention_jit.decode_reduce_kernel,
                        {"out_ptr": BF16, "partial_ptr": "*fp32", "stats_ptr": "*fp32"},
                        dict(NUM_HEADS=heads, HEAD_SIZE=head_size, BLOCK_D=plan.block_d,
-                            BLOCK_S=block_s),
+                            BLOCK_S=block_s, DEPENDENT=True),
                        decode_attention.reduce_warps(plan))
         yield from _varlen(model, heads, kv_heads, head_size)
         block, warps = triton_kernels._norm_constants(torch.empty(1, hidden))
@@ -110,7 +110,8 @@ def configs() -> Iterator[Config]:
         yield (f"add + norm {model}", triton_jit.norm_rows_kernel,
                {name: BF16 for name in ("out_ptr", "residual_out_ptr", "x_ptr", "residual_ptr",
                                         "weight_ptr", "bias_ptr")} | {"eps": "fp32"},
-               dict(HAS_RESIDUAL=True, LAYER_NORM=layer, HAS_BIAS=layer, BLOCK_SIZE=block), warps)
+               dict(HAS_RESIDUAL=True, LAYER_NORM=layer, HAS_BIAS=layer, BLOCK_SIZE=block,
+                    DEPENDENT=True), warps)
         if not layer:
             constants = triton_kernels.rotary_embedding_constants(
                 torch.zeros(1, dtype=torch.long), torch.empty(1, heads * head_size),
@@ -139,8 +140,22 @@ def configs() -> Iterator[Config]:
                         HAS_NORM_BIAS=norm == "layer", STORE_SUM=norm == "rms",
                         STORE_NORMED=norm == "layer", BLOCK_M=block_m, BLOCK_N=tuning.block_n,
                         BLOCK_K=block_k, NUM_STAGES=tuning.num_stages, DOT_PRECISION="tf32",
-                        UPCAST=False),
+                        UPCAST=False, DEPENDENT=True),
                    tuning.num_warps)
+    yield from _argmax()
+
+
+def _argmax() -> Iterator[Config]:
+    """The greedy token's two kernels at the launcher's block for a 128k vocabulary."""
+    from runtime.kernels import argmax_jit, triton_argmax
+
+    block, warps = triton_argmax.argmax_constants(torch.empty(1, 128256, device="meta"))
+    yield ("argmax blocks", argmax_jit.argmax_blocks_kernel,
+           {"out_ptr": "*i64", "value_ptr": "*fp32", "index_ptr": "*i32", "x_ptr": BF16},
+           dict(BLOCK=block, SINGLE=False), warps)
+    yield ("argmax combine", argmax_jit.argmax_combine_kernel,
+           {"out_ptr": "*i64", "value_ptr": "*fp32", "index_ptr": "*i32"},
+           dict(BLOCK_S=triton_kernels._next_power_of_2(-(-128256 // block))), 1)
 
 
 def _varlen(model: str, heads: int, kv_heads: int, head_size: int) -> Iterator[Config]:

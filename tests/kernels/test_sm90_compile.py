@@ -39,12 +39,12 @@ def compiled() -> dict[str, Any]:
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_without_spills(compiled: dict[str, Any]) -> None:
     kinds = {label.split()[0] for label in compiled}
-    assert kinds == {"attention", "reduce", "add", "rotary", "gemv", "varlen"}
+    assert kinds == {"attention", "reduce", "add", "rotary", "gemv", "varlen", "argmax"}
     failed = {label: result for label, result in compiled.items()
               if "error" in result or result["stack"] > 0}
     assert not failed, failed
     assert all(result["registers"] <= 255 for result in compiled.values())
     # the streams that carry the bytes (weights; cached K/V; rows) move 16 bytes a load
     unvectorized = [label for label, result in compiled.items() if result["vector_loads"] == 0
-                    and not label.startswith(("reduce", "rotary"))]
+                    and not label.startswith(("reduce", "rotary", "argmax combine"))]
     assert not unvectorized, unvectorized
