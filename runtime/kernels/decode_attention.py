@@ -40,9 +40,10 @@ class DecodeTuning:
     fuse_write: bool = True   # write the step's K/V inside the attention kernel
     min_block_g: int = 16     # query heads per program padded to at least this (tensor cores)
     # split: the last split program combines (no reduce launch). Off: on the H200
-    # (benchmarks/decode_attention_ab.py, Llama-1B batch 1, context 256, one process) the
-    # in-kernel combine saved its 16 launches but its serial tail cost more: 0.979 ms of
-    # kernels and a 1.075 ms step against 0.912 ms and 1.062 ms with the reduce launch.
+    # (results/decode_attention_ab-cuda.json, from what is now `benchmarks/decode_ab.py
+    # --switch fuse_reduce`; Llama-1B batch 1, context 256, one process) the in-kernel combine
+    # saved its 16 launches but its serial tail cost more: 0.979 ms of kernels and a 1.075 ms
+    # step against 0.912 ms and 1.062 ms with the reduce launch.
     fuse_reduce: bool = False
 
 
