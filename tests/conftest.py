@@ -1,5 +1,6 @@
 """Test set-up: Triton runs under its interpreter when there is no GPU (patching
-`triton.language` once per launch: tests/triton_interpret.py); hypothesis profiles."""
+`triton.language` once per launch, without the overflow checks it discards:
+tests/triton_interpret.py); hypothesis profiles."""
 from __future__ import annotations
 
 import os
@@ -9,13 +10,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from tests.triton_interpret import patch_once_per_launch
+from tests.triton_interpret import patch_once_per_launch, skip_discarded_overflow_checks
 
 # Must be set before any Triton kernel is defined: triton.jit picks the interpreter then.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if os.environ["TRITON_INTERPRET"] == "1":
         patch_once_per_launch()  # a fifth of an interpreted compile, a third of its steps
+        skip_discarded_overflow_checks()  # about a third of what is left of a step
 
 settings.register_profile(
     "ci", max_examples=15, deadline=None,

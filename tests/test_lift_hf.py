@@ -103,7 +103,9 @@ def test_bfloat16_lifting_is_bitwise_exact(architecture: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_kernels.interpreter_active(),
                     reason="Triton kernels are not interpreted here")
-@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+# Mistral's lifted graph is Llama's (the same idioms and matches, test above, at the same
+# widths): its Triton kernels would run the same launches
+@pytest.mark.parametrize("architecture", [name for name in ARCHITECTURES if name != "mistral"])
 def test_triton_kernels_chosen_explicitly_equal_eager_interpreted(architecture: str) -> None:
     report = compile_and_compare(architecture, CompileConfig(device="cpu", kernels=TRITON))
     assert set(report.kernels.values()) == {"triton"}

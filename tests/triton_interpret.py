@@ -1,4 +1,5 @@
-"""Triton's CPU interpreter, made to patch `triton.language` once per kernel launch.
+"""Triton's CPU interpreter, made to patch `triton.language` once per kernel launch, and to
+skip the overflow checks whose result it throws away.
 
 The interpreter swaps `triton.language`'s builtins for its numpy versions when a kernel is
 launched (`GridExecutor.__call__`, restored when the launch ends), and again at every call of a
@@ -8,9 +9,16 @@ about a quarter of an interpreted decode-attention step (triton 3.6). Inside a l
 patched the modules a helper sees, the helper's call skips the repeat: it would set the same
 functions again. Anything else (a helper whose globals reach a language module the kernel's do
 not, a call outside a launch, another interpreter layout) patches as Triton does.
+
+The interpreter's options sanitize integer overflow with debug off: every 32-bit add, sub and
+mul is redone in 64 bits and compared with the type's range, and the `device_assert` that would
+read the comparison returns at once without debug (`semantic.device_assert`), so the work is
+never seen; it was about a third of an interpreted decode-attention step (triton 3.6).
+Compiled for the GPU, the same kernels do not check either (debug is off there too).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Callable
@@ -60,4 +68,22 @@ def patch_once_per_launch() -> bool:
     interpreter._patch_lang = patch_lang
     executor.__call__ = launch_once
     logger.debug("triton's interpreter patches triton.language once per launch")
+    return True
+
+
+def skip_discarded_overflow_checks() -> bool:
+    """Turn the interpreter's overflow sanitizing off where its checks are discarded (debug
+    off); False (nothing changed) where debug is on, it is off already, or the interpreter
+    keeps its options elsewhere."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or getattr(options, "debug", True) \
+            or not getattr(options, "sanitize_overflow", False):
+        return False
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    logger.debug("triton's interpreter: overflow sanitizing off (debug is off: never checked)")
     return True

@@ -1,5 +1,10 @@
 """Compile every Triton kernel for the H200 (sm_90) at the launch parameters the code chooses for
-the models' decode shapes, and report each one's registers and stack bytes per thread.
+the models' decode shapes, and report each one's registers and stack bytes per thread, and its
+16-byte global loads: counted in the PTX for every kernel (`ld.global.v4.b32`, `.v2.b64`,
+16-byte `cp.async`: PTX requires a vector access aligned to its size, so ptxas keeps each one
+128-bit), and in the SASS too for the first configuration of each kernel function, which ties
+the two counts together (disassembling costs half a second a kernel, compiling from Triton's
+cache a few milliseconds).
 
 Triton compiles for a GPU target without a GPU (its bundled ptxas makes the cubin; cuobjdump
 reads the resource usage), which catches what the CPU interpreter cannot: code the GPU compiler
@@ -53,12 +58,19 @@ Config = tuple[str, Any, dict[str, str], dict[str, Any], int]  # label, kernel, 
 ALIGNED_SIZES = ("hidden", "head_size", "half_rotary", "vocab")  # multiples of 16 here (Llama)
 
 
+# 16-byte global loads in PTX: vector loads of four 32-bit or two 64-bit words, 16-byte async
+# copies (cp.async's size operand, then an optional source size)
+PTX_VECTOR_LOADS = re.compile(r"\b(?:ld\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64)\b|"
+                              r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x10\b)")
+SASS_VECTOR_LOADS = re.compile(r"\b(?:LDG|LDGSTS)\.E[.\w]*128\b")
+
+
 def usage(kernel: Any, types: dict[str, str], constexprs: dict[str, Any],
-          num_warps: int) -> dict[str, int]:
+          num_warps: int, sass: bool = False) -> dict[str, int]:
     """Compile `kernel` for sm_90: registers and stack bytes per thread, and the 16-byte global
-    loads in its SASS. Pointers, strides and widths are taken as multiples of 16, as Triton
-    specializes them at launch for these models' shapes (allocations are aligned; every width
-    is)."""
+    loads in its PTX (`sass`: in its SASS too, as "sass_vector_loads"). Pointers, strides and
+    widths are taken as multiples of 16, as Triton specializes them at launch for these models'
+    shapes (allocations are aligned; every width is)."""
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32")
                  for name in kernel.arg_names}
     aligned = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
@@ -73,13 +85,16 @@ def usage(kernel: Any, types: dict[str, str], constexprs: dict[str, Any],
         cubin.flush()
         report = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True,
                                 text=True, check=True).stdout
-        sass = subprocess.run([str(cuobjdump), "-sass", cubin.name], capture_output=True,
-                              text=True, check=True).stdout
+        machine_code = subprocess.run([str(cuobjdump), "-sass", cubin.name], capture_output=True,
+                                      text=True, check=True).stdout if sass else None
     found = re.search(r"REG:(\d+).*?STACK:(\d+)", report, re.S)
     if found is None:
         raise RuntimeError(f"no resource usage in cuobjdump's report: {report[-300:]}")
-    return {"registers": int(found.group(1)), "stack": int(found.group(2)),
-            "vector_loads": len(re.findall(r"\b(?:LDG|LDGSTS)\.E[.\w]*128\b", sass))}
+    result = {"registers": int(found.group(1)), "stack": int(found.group(2)),
+              "vector_loads": len(PTX_VECTOR_LOADS.findall(compiled.asm["ptx"]))}
+    if machine_code is not None:
+        result["sass_vector_loads"] = len(SASS_VECTOR_LOADS.findall(machine_code))
+    return result
 
 
 def configs() -> Iterator[Config]:
@@ -181,9 +196,12 @@ def main() -> None:
         raise SystemExit("sm90_compile: the kernels were jitted for the interpreter; "
                          "run without TRITON_INTERPRET")
     results: dict[str, Any] = {}
+    disassembled: set[int] = set()  # kernel functions whose SASS was read once
     for label, kernel, types, constexprs, num_warps in configs():
+        sass = id(kernel) not in disassembled
+        disassembled.add(id(kernel))
         try:
-            results[label] = usage(kernel, types, constexprs, num_warps)
+            results[label] = usage(kernel, types, constexprs, num_warps, sass)
         except Exception as error:  # noqa: BLE001  (reported per kernel)
             results[label] = {"error": f"{type(error).__name__}: {error}"[-400:]}
     print(json.dumps(results))

@@ -44,6 +44,14 @@ def test_every_kernel_compiles_for_sm90_without_spills(compiled: dict[str, Any])
               if "error" in result or result["stack"] > 0}
     assert not failed, failed
     assert all(result["registers"] <= 255 for result in compiled.values())
+    # the PTX's 16-byte loads are the machine code's: where the SASS was read (one
+    # configuration of each kernel function), it has them where the PTX has them
+    disassembled = {label: result for label, result in compiled.items()
+                    if "sass_vector_loads" in result}
+    assert len(disassembled) == 6
+    assert all((result["sass_vector_loads"] > 0) == (result["vector_loads"] > 0)
+               and result["sass_vector_loads"] >= result["vector_loads"]
+               for result in disassembled.values()), disassembled
     # the streams that carry the bytes (weights; cached K/V; rows) move 16 bytes a load
     unvectorized = [label for label, result in compiled.items() if result["vector_loads"] == 0
                     and not label.startswith(("reduce", "rotary", "argmax combine"))]
