@@ -48,7 +48,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(compiled: dict[str, Any])
     # configuration of each kernel function), it has them where the PTX has them
     disassembled = {label: result for label, result in compiled.items()
                     if "sass_vector_loads" in result}
-    assert len(disassembled) == 6
+    assert len(disassembled) == 8  # attention, reduce, norm, rotary, gemv, varlen, argmax x2
     assert all((result["sass_vector_loads"] > 0) == (result["vector_loads"] > 0)
                and result["sass_vector_loads"] >= result["vector_loads"]
                for result in disassembled.values()), disassembled
