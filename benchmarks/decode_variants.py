@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.decode_report import OUR_VARIANTS, SERVING_VARIANTS
-from benchmarks.kernel_census import CENSUS_STEPS, kernel_census, session_census
+from benchmarks.kernel_census import CENSUS_STEPS, kernel_census, session_census, torch_argmax
 
 CONTEXT = 256
 WARMUP_STEPS, TIMED_STEPS = 5, 20
@@ -66,11 +66,6 @@ class StepTiming:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """The greedy token as Hugging Face `generate` picks it."""
-    return logits.argmax(-1)
 
 
 def time_steps(step: Callable[[torch.Tensor], torch.Tensor], first_tokens: torch.Tensor,
@@ -328,7 +323,7 @@ def _hf_census(step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tenso
     def census_step() -> None:
         if before_step is not None:
             before_step()
-        current[0] = step(current[0]).argmax(-1)
+        current[0] = torch_argmax(step(current[0]))
 
     return kernel_census(census_step, device)
 

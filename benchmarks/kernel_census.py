@@ -40,6 +40,16 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 COPY_MARKERS = ("memcpy", "memset")
 
 
+def is_copy(name: str) -> bool:
+    """Whether a device activity is a memcpy or memset, not a compute kernel."""
+    return any(marker in name.lower() for marker in COPY_MARKERS)
+
+
+def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token as Hugging Face `generate` picks it."""
+    return logits.argmax(-1)
+
+
 def category(name: str) -> str:
     lowered = name.lower()
     for label, markers in CATEGORIES:
@@ -56,7 +66,7 @@ def summarize(events: Iterable[tuple[str, float]], steps: int) -> dict[str, Any]
     micros: collections.Counter[str] = collections.Counter()
     copies, copy_us = 0, 0.0
     for name, duration_us in events:
-        if any(marker in name.lower() for marker in COPY_MARKERS):
+        if is_copy(name):
             copies += 1
             copy_us += duration_us
             continue
@@ -106,16 +116,16 @@ def kernel_census(step: Callable[[], Any], device: torch.device,
     census = summarize(((event.name, event.time_range.elapsed_us()) for event in device_events),
                        steps)
     kernels = ((event.time_range.start, event.time_range.end) for event in device_events
-               if not any(marker in event.name.lower() for marker in COPY_MARKERS))
+               if not is_copy(event.name))
     census["busy_ms_per_step"] = busy_us(kernels) / steps / 1e3
     return census
 
 
 def session_census(session: Any, tokens: torch.Tensor, device: torch.device,
-                   pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   pick: Callable[[torch.Tensor], torch.Tensor] = torch_argmax,
                    steps: int = CENSUS_STEPS) -> dict[str, Any] | None:
     """The census of `steps` decode steps of a prefilled `DecodeSession`, each one's tokens
-    `pick(logits)` (default torch's argmax), run over the last `steps` positions it has already
+    `pick(logits)`, run over the last `steps` positions it has already
     decoded (the context stays where the timing left it)."""
     if device.type != "cuda":
         return None
@@ -126,7 +136,6 @@ def session_census(session: Any, tokens: torch.Tensor, device: torch.device,
     current = [tokens]
 
     def step() -> None:
-        logits = session.decode(current[0])
-        current[0] = logits.argmax(-1) if pick is None else pick(logits)
+        current[0] = pick(session.decode(current[0]))
 
     return kernel_census(step, device, steps)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from runtime.kernels import argmax_jit
-from runtime.kernels.triton_kernels import _next_power_of_2, _rows, _static, observed, priority
-from runtime.kernels.triton_kernels import supports
+from runtime.kernels.triton_kernels import (_next_power_of_2, _rows, _static, observed, priority,
+                                            supports)
 from runtime.registry import register_kernel
 
 ARGMAX_BLOCK = 2048   # logits per program: 63 programs for one row of a 128k vocabulary
