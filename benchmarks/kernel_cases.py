@@ -231,16 +231,20 @@ def norm_linear_case(model: str, shape: ModelShape, projection: tuple[int, int, 
     pair_op = f"fused_add_{shape.norm}_norm"
 
     def pair(i: int) -> Any:
-        normed = getattr(triton_kernels, pair_op)(*_norm_args(args(i)), *constants[5:])[0]
+        normed = getattr(triton_kernels, pair_op)(*_norm_args(args(i)), *constants[5:7])[0]
         return triton_linear.linear(normed, args(i)[6], bias, epilogue, *constants[:5])
 
-    forced = (rows, *constants[1:]) if constants[0] else (rows, 16, 4096, 4, 3, *constants[5:])
+    forced = ((rows, *constants[1:7], rows) if constants[0]
+              else (rows, 16, 4096, 4, 3, *constants[5:7], rows))
     key = {"rows": rows, "out_features": out_features, "in_features": in_features,
            "epilogue": epilogue, "bias": has_bias, "norm": shape.norm, "carry": carry}
     return Case("norm_linear", model, key,
                 lambda i: native.add_norm_linear(*args(i)),
-                {"default": ({"max_rows": constants[0]}, lambda i: triton_norm_linear.
-                             add_norm_linear(*args(i), *constants))}, "default",
+                {"default": ({"max_rows": constants[0], "prologue_rows": constants[7]},
+                             lambda i: triton_norm_linear.add_norm_linear(*args(i), *constants)),
+                 "prologue": ({"max_rows": forced[0], "prologue_rows": rows},
+                              lambda i: triton_norm_linear.add_norm_linear(*args(i), *forced))},
+                "default",
                 lambda: (triton_norm_linear.add_norm_linear(*args(0), *forced)[0],
                          native.add_norm_linear(*args(0))[0]),
                 copies, peers={"triton norm, then GEMV": pair})

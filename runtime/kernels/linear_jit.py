@@ -42,15 +42,20 @@ def linear_rows_kernel(
     dots in float32 (Triton's CPU interpreter has no bfloat16 arithmetic).
 
     PROLOGUE (RMS_NORM, LAYER_NORM) makes x the norm of the rows it points to [plus the
-    residual rows (HAS_RESIDUAL)] with the norm's weight [and bias], rounded as the norm kernel
-    rounds it, so the projection reads what it would have read from the norm kernel's output.
-    Program 0 writes, as it goes, the sum (STORE_SUM, to sum_ptr: the residual a pre-norm layer
-    carries on) or the normalized rows (STORE_NORMED, to normed_ptr: a post-norm layer's). Each
-    program computes the rows' statistics itself, one sweep of the (rows, IN_FEATURES) input
-    before its loop (two for LayerNorm) and re-reads the input tiles in the loop: a few KB per
-    program, from L2 after the first programs, against the BLOCK_N rows of weight it streams
-    from memory; what that saves is the norm's launch, its output's round trip through memory
-    and the gap between the two kernels.
+    residual rows (HAS_RESIDUAL)] with the norm's weight [and bias]. Program 0 writes, as it
+    goes, the sum (STORE_SUM, to sum_ptr: the residual a pre-norm layer carries on) or the
+    normalized rows (STORE_NORMED, to normed_ptr: a post-norm layer's). Each program reads the
+    input rows itself (a few KB, from L2 after the first programs, against the BLOCK_N rows of
+    weight it streams from memory); what that saves is the norm's launch, its output's round
+    trip through memory and the gap between the two kernels. RMSNorm of one row (BLOCK_M == 1)
+    without STORE_NORMED takes one pass: the row's 1 / rms is one factor of all its products,
+    so the loop multiplies (x [+ residual]) * norm weight by the weight tiles while it sums the
+    squares, and the accumulators are scaled once after it; nothing waits for the statistics
+    before the weight stream starts. Its normalized row is never rounded (float32 products
+    throughout, where the norm kernel rounds the row to its output dtype). Otherwise (LayerNorm,
+    STORE_NORMED, or a tl.dot's rows, whose operand is rounded) the prologue sweeps the input
+    for the statistics first (twice for LayerNorm: the variance of the centred row) and rounds
+    the normalized tiles as the norm kernel does.
 
     DEPENDENT: launched as a programmatic dependent (`triton_kernels.dependent_launch`): wait
     for the kernels before, then let the next one launch (its programs wait for this one's end;
@@ -67,11 +72,12 @@ def linear_rows_kernel(
     gate_rows = weight_ptr + cols.to(tl.int64)[:, None] * weight_row_stride   # (BLOCK_N, 1)
     up_rows = gate_rows + OUT_FEATURES * weight_row_stride
     dot_dtype = tl.float32 if UPCAST else weight_ptr.dtype.element_ty
-    if PROLOGUE != NO_NORM:
+    if PROLOGUE != NO_NORM and (PROLOGUE == LAYER_NORM or STORE_NORMED or BLOCK_M > 1):
         mean, rstd = prologue_jit.row_stats(
             x_ptr, residual_ptr, sum_ptr, row_ids, row_mask, x_row_stride,
             residual_row_stride, eps, IN_FEATURES, BLOCK_M, BLOCK_K, PROLOGUE == LAYER_NORM,
             HAS_RESIDUAL)
+    squares = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)  # the one pass's sum of squares
     if BLOCK_M == 1:
         products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         up_products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -92,12 +98,16 @@ def linear_rows_kernel(
             if STORE_SUM:
                 tl.store(sum_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :],
                          x.to(sum_ptr.dtype.element_ty), mask=first)
-            x = prologue_jit.normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr, sum_ptr,
-                                         out_ptr, ks, k_mask, x_mask, PROLOGUE == LAYER_NORM,
-                                         HAS_NORM_BIAS)
-            if STORE_NORMED:
-                tl.store(normed_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :], x,
-                         mask=first)
+            if PROLOGUE == LAYER_NORM or STORE_NORMED or BLOCK_M > 1:
+                x = prologue_jit.normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr,
+                                             sum_ptr, out_ptr, ks, k_mask, x_mask,
+                                             PROLOGUE == LAYER_NORM, HAS_NORM_BIAS)
+                if STORE_NORMED:
+                    tl.store(normed_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :], x,
+                             mask=first)
+            else:
+                squares += x * x
+                x = prologue_jit.weighted_tile(x, norm_weight_ptr, out_ptr, ks, k_mask)
         w_mask = col_mask[:, None] & k_mask[None, :]
         weight = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)     # (BLOCK_N, BLOCK_K)
         if ACTIVATION == SILU_AND_MUL:
@@ -115,6 +125,10 @@ def linear_rows_kernel(
     if BLOCK_M == 1:
         acc = tl.sum(products, axis=1)[None, :]                              # (1, BLOCK_N)
         up_acc = tl.sum(up_products, axis=1)[None, :]
+    if PROLOGUE == RMS_NORM and not STORE_NORMED and BLOCK_M == 1:  # the one pass's scale
+        rstd = (1.0 / tl.sqrt(tl.sum(squares, axis=1) / IN_FEATURES + eps))[:, None]
+        acc *= rstd                                                          # (BLOCK_M, 1)
+        up_acc *= rstd
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION == SILU_AND_MUL:

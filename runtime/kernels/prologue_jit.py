@@ -5,7 +5,8 @@ The arithmetic is the norm kernel's (`runtime.kernels.triton_jit.norm_rows_kerne
 where it (and the native ops) round: the residual sum to its dtype, RMSNorm's normalized row to
 the sum's dtype before the weight, the result to the norm's output dtype, which is the dtype the
 projection reads. Only the order of the statistics' float32 sums differs (tile by tile here,
-one row at a time there). Importing this module needs `triton`.
+one row at a time there). The one-pass RMSNorm prologue (`weighted_tile`) scales by 1 / rms
+after the products instead, unrounded. Importing this module needs `triton`.
 """
 from __future__ import annotations
 
@@ -72,3 +73,11 @@ def normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr, sum_ptr, out_ptr,
         normed = (x * rstd[:, None]).to(sum_ptr.dtype.element_ty).to(out_dtype).to(tl.float32)
         result = normed * weight.to(out_dtype).to(tl.float32)[None, :]
     return result.to(out_dtype)
+
+
+@triton.jit
+def weighted_tile(x, norm_weight_ptr, out_ptr, ks, k_mask):
+    """The one-pass RMSNorm's (rows, ks) tile: the float32 row sums `x` times the norm's weight
+    as the norm kernel applies it (in out's dtype), not yet scaled by 1 / rms, in float32."""
+    weight = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0)
+    return x * weight.to(out_ptr.dtype.element_ty).to(tl.float32)[None, :]

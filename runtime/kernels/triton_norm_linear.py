@@ -3,10 +3,11 @@
 program normalizes the few input rows itself, `linear_rows_kernel`'s PROLOGUE), so a norm and
 the one projection that reads it are one launch.
 
-Launch constants: the projection's (`linear_constants`) followed by the norm kernel's, all
-static, baked into the graph by kernel_choice. A call the GEMV does not take (more than
-`max_rows` rows, weights the tuning leaves to cuBLAS) runs the norm kernel, then cuBLAS and the
-activation, as the unfused pair would; a call a dispatch mode observes runs the native twin.
+Launch constants: the projection's (`linear_constants`), the norm kernel's, and the most rows
+the prologue takes (`PROLOGUE_ROWS`), all static, baked into the graph by kernel_choice. A call
+with more rows, or whose weight the tuning leaves to cuBLAS, runs the unfused pair: the norm
+kernel, then the projection as `fxkiln.linear` runs it (the GEMV up to `max_rows`, cuBLAS and
+the activation above); a call a dispatch mode observes runs the native twin.
 """
 from __future__ import annotations
 
@@ -14,19 +15,29 @@ import torch
 
 from runtime.kernels import native, triton_kernels
 from runtime.kernels.triton_kernels import _norm, _norm_constants, _rows, observed
-from runtime.kernels.triton_linear import (NormPrologue, gemv, linear_constants,
-                                           takes_gemv, unfused)
+from runtime.kernels.triton_linear import (NormPrologue, gemv, linear, linear_constants,
+                                           takes_gemv)
 from runtime.registry import register_kernel
 
-LaunchConstants = tuple[int, int, int, int, int, int, int]
+LaunchConstants = tuple[int, int, int, int, int, int, int, int]
+# The most rows the prologue serves, per norm (fewer than the GEMV's max_rows where smaller).
+# Measured on an H200 (benchmarks/kernels.py --kernels norm_linear and decode_ab.py --switch
+# norm_prologue, 2026-12-01): RMSNorm's one-pass prologue at one row beat the norm kernel then
+# the GEMV (Llama-1B gate_up 18.0 against 19.5 us; decode step 0.952-0.956 against
+# 1.011-1.081 ms), while the statistics sweep that 8 rows and LayerNorm need before the
+# weight stream lost (gate_up at 8 rows 53.9 against 20.8 us; BART-large's projections 6.4 to
+# 8.4 against 4.8 to 6.4 us; its step 0.636 against 0.576 ms).
+PROLOGUE_ROWS = {"rms": 1, "layer": 0}
 
 
 def norm_linear_constants(x: torch.Tensor, norm_weight: torch.Tensor,
                           norm_bias: torch.Tensor | None, eps: float, norm: str,
                           weight: torch.Tensor, bias: torch.Tensor | None,
                           activation: str) -> LaunchConstants:
-    """(max_rows, block_n, budget, num_warps, num_stages, norm block, norm warps)."""
-    return (*linear_constants(x, weight, bias, activation), *_norm_constants(x))
+    """(max_rows, block_n, budget, num_warps, num_stages, norm block, norm warps, the most rows
+    the prologue takes)."""
+    projection = linear_constants(x, weight, bias, activation)
+    return (*projection, *_norm_constants(x), min(projection[0], PROLOGUE_ROWS[norm]))
 
 
 def add_norm_linear_constants(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
@@ -42,17 +53,20 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
                  constants: LaunchConstants) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(projection of the normed rows, the carried rows: x + residual for `carry` "sum", the
     normed rows for "normed"; None without a residual)."""
-    max_rows, block_n, budget, num_warps, num_stages, norm_block, norm_warps = constants
-    if not takes_gemv(x, weight, max_rows):
-        if observed(x):
-            if residual is None:
-                return native.norm_linear(x, norm_weight, norm_bias, eps, norm, weight, bias,
-                                          activation), None
-            return native.add_norm_linear(x, residual, norm_weight, norm_bias, eps, norm,
-                                          weight, bias, activation, carry)
+    max_rows, block_n, budget, num_warps, num_stages, norm_block, norm_warps, prologue_rows = (
+        constants)
+    if observed(x):
+        if residual is None:
+            return native.norm_linear(x, norm_weight, norm_bias, eps, norm, weight, bias,
+                                      activation), None
+        return native.add_norm_linear(x, residual, norm_weight, norm_bias, eps, norm, weight,
+                                      bias, activation, carry)
+    if not takes_gemv(x, weight, prologue_rows):
         normed, summed = _norm(x, residual, norm_weight, norm_bias, eps, norm_block, norm_warps,
                                layer_norm=norm == "layer")
-        return unfused(normed, weight, bias, activation), summed if carry == "sum" else normed
+        out = linear(normed, weight, bias, activation, max_rows, block_n, budget, num_warps,
+                     num_stages)
+        return out, summed if carry == "sum" else normed
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out_dtype = sum_dtype if norm == "layer" else torch.promote_types(sum_dtype, norm_weight.dtype)
     out_features = weight.shape[0] // 2 if activation == "silu_and_mul" else weight.shape[0]
@@ -84,8 +98,10 @@ def _of_dtype(dtype: torch.dtype, *candidates: torch.Tensor | None) -> torch.Ten
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
                 eps: float, norm: str, weight: torch.Tensor, bias: torch.Tensor | None,
                 activation: str, max_rows: int, block_n: int, budget: int, num_warps: int,
-                num_stages: int, norm_block: int, norm_warps: int) -> torch.Tensor:
-    constants = (max_rows, block_n, budget, num_warps, num_stages, norm_block, norm_warps)
+                num_stages: int, norm_block: int, norm_warps: int,
+                prologue_rows: int) -> torch.Tensor:
+    constants = (max_rows, block_n, budget, num_warps, num_stages, norm_block, norm_warps,
+                 prologue_rows)
     return _norm_linear(x, None, norm_weight, norm_bias, eps, norm, weight, bias, activation,
                         "sum", constants)[0]
 
@@ -94,8 +110,10 @@ def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.
                     norm_bias: torch.Tensor | None, eps: float, norm: str, weight: torch.Tensor,
                     bias: torch.Tensor | None, activation: str, carry: str, max_rows: int,
                     block_n: int, budget: int, num_warps: int, num_stages: int,
-                    norm_block: int, norm_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    constants = (max_rows, block_n, budget, num_warps, num_stages, norm_block, norm_warps)
+                    norm_block: int, norm_warps: int,
+                    prologue_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    constants = (max_rows, block_n, budget, num_warps, num_stages, norm_block, norm_warps,
+                 prologue_rows)
     out, carried = _norm_linear(x, residual, norm_weight, norm_bias, eps, norm, weight, bias,
                                 activation, carry, constants)
     assert carried is not None

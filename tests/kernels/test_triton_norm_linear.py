@@ -98,7 +98,8 @@ def test_norm_linear_matches_the_native_twin_interpreted(
         norm_bias: bool, bias: bool, activation: str, carry: str, dtype: torch.dtype,
         block_n: int, budget: int, stages: int, seed: int) -> None:
     """Rows up to 8 take the GEMV with its prologue (a budget of 256 makes several K tiles,
-    so the statistics are gathered over more than one); 9 and 10 the norm kernel and cuBLAS.
+    so the statistics are gathered over more than one; one RMSNorm row carrying the sum takes
+    the one pass); 9 and 10 the norm kernel and cuBLAS.
 
     bfloat16 is checked against the unfused Triton pair only: the interpreter rounds float32 to
     bfloat16 towards zero, and after the norm's, the projection's and the epilogue's roundings
@@ -107,7 +108,7 @@ def test_norm_linear_matches_the_native_twin_interpreted(
     args = _args(rows, out_features, in_features, norm, residual, norm_bias and norm == "layer",
                  bias, activation, dtype, "cpu", carry)
     norm_constants = triton_kernels._norm_constants(args[0])
-    _check(args, (8, block_n, budget, 2, stages, *norm_constants), TOLERANCES,
+    _check(args, (8, block_n, budget, 2, stages, *norm_constants, 8), TOLERANCES,
            against_native=dtype != torch.bfloat16)
 
 
@@ -118,7 +119,7 @@ def test_the_carried_rows_are_written_whole(carry: str) -> None:
     exactly, the normalized rows as the norm computes them."""
     torch.manual_seed(0)
     args = _args(3, 24, 80, "layer", True, True, False, "none", torch.float32, "cpu", carry)
-    _, carried = _run(args, (8, 1, 16, 2, 2, 128, 1))
+    _, carried = _run(args, (8, 1, 16, 2, 2, 128, 1, 8))
     assert carried.is_contiguous() and carried.shape == args[0].shape
     if carry == "sum":
         assert torch.equal(carried, args[0] + args[1])
@@ -128,18 +129,31 @@ def test_the_carried_rows_are_written_whole(carry: str) -> None:
 
 
 @needs_interpreter
-def test_mixed_dtypes_round_where_the_norm_rounds() -> None:
-    """float16 rows with a float32 RMSNorm weight: the norm's output (what the projection
-    reads, and the result) is float32, as `rms_norm` gives it."""
+@pytest.mark.parametrize("carry", ["sum", "normed"])
+def test_mixed_dtypes_round_where_the_norm_rounds(carry: str) -> None:
+    """A float16 row with a float32 RMSNorm weight: the norm's output (what the projection
+    reads, and the result) is float32, as `rms_norm` gives it. Carrying the normalized rows,
+    the prologue sweeps the statistics first and rounds the normalized row to float16 where the
+    norm does: native's result to float32 precision. The one pass (carrying the sum) does not
+    round it: float16's precision, against native and against an unrounded float64 norm,
+    which it matches to float32's."""
     torch.manual_seed(1)
-    x, residual = torch.randn(2, 32).half(), torch.randn(2, 32).half()
-    args = (x, residual, 1.0 + 0.1 * torch.randn(32), None, 1e-6, "rms", torch.randn(8, 32), None,
-            "none", "sum")
+    x, residual = torch.randn(1, 32).half(), torch.randn(1, 32).half()
+    norm_weight, weight = 1.0 + 0.1 * torch.randn(32), torch.randn(8, 32)
+    args = (x, residual, norm_weight, None, 1e-6, "rms", weight, None, "none", carry)
     constants = triton_norm_linear.add_norm_linear_constants(*args)
-    (expected, expected_sum), (actual, actual_sum) = _run(args, (), True), _run(args, constants)
-    assert (actual.dtype, actual_sum.dtype) == (torch.float32, torch.float16)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(actual_sum, expected_sum)
+    (expected, expected_carried), (actual, carried) = _run(args, (), True), _run(args, constants)
+    assert (actual.dtype, carried.dtype) == (torch.float32, expected_carried.dtype)
+    if carry == "normed":
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(carried, expected_carried, rtol=1e-5, atol=1e-5)
+        return
+    assert torch.equal(carried, expected_carried)
+    torch.testing.assert_close(actual, expected, rtol=4e-3, atol=4e-3)
+    summed = expected_carried.double()
+    unrounded = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-6)
+    exact = (unrounded * norm_weight.double()) @ weight.double().T
+    torch.testing.assert_close(actual.double(), exact, rtol=1e-5, atol=1e-5)
 
 
 @needs_interpreter
@@ -161,8 +175,24 @@ def test_launch_constants_are_the_projections_then_the_norms() -> None:
     x = torch.empty(1, 2048, dtype=torch.bfloat16)
     constants = triton_norm_linear.norm_linear_constants(
         x, torch.empty(2048), None, 1e-5, "rms", weight, None, "silu_and_mul")
-    assert constants == (*triton_linear.linear_constants(x, weight, None, "silu_and_mul"),
-                         *triton_kernels._norm_constants(x))
+    projection = triton_linear.linear_constants(x, weight, None, "silu_and_mul")
+    assert constants == (*projection, *triton_kernels._norm_constants(x),
+                         min(projection[0], triton_norm_linear.PROLOGUE_ROWS["rms"]))
+    layer = triton_norm_linear.norm_linear_constants(
+        x, torch.empty(2048), None, 1e-5, "layer", weight, None, "silu_and_mul")
+    assert layer[:-1] == constants[:-1] and layer[-1] == triton_norm_linear.PROLOGUE_ROWS["layer"]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rows_past_the_prologue_run_the_norm_then_the_gemv(rows: int) -> None:
+    """With the prologue's rows below the call's, the call is the unfused Triton pair, bit for
+    bit: the norm kernel, then the GEMV (which still takes these rows)."""
+    torch.manual_seed(rows)
+    args = _args(rows, 24, 64, "rms", True, False, False, "silu_and_mul", torch.float32, "cpu")
+    constants = (8, 4, 256, 2, 2, *triton_kernels._norm_constants(args[0]), rows - 1)
+    for value, reference in zip(_run(args, constants), _triton_pair(args, constants)):
+        assert torch.equal(value, reference)
 
 
 # -- GPU ---------------------------------------------------------------------------------------
@@ -188,5 +218,6 @@ def test_norm_linear_matches_native_on_gpu(shape: tuple[int, int, str, str, bool
         constants = (triton_norm_linear.add_norm_linear_constants(*args) if residual
                      else triton_norm_linear.norm_linear_constants(*args))
         _check(args, constants, GPU_TOLERANCES)
-        forced = (8, *constants[1:]) if constants[0] else (8, 16, 4096, 4, 3, *constants[5:])
+        forced = ((8, *constants[1:7], 8) if constants[0]
+                  else (8, 16, 4096, 4, 3, *constants[5:7], 8))
         _check(args, forced, GPU_TOLERANCES)  # the GEMV with its prologue itself
