@@ -3,7 +3,8 @@ a default. Each form compiles the model afresh (launch choices are frozen when a
 captured) and runs `benchmarks/decode.py`'s `fxkiln-graphs` variant; the forms alternate
 (on, off, on, off, ...) `--repeats` times, since step times drift within a process.
 
-    python benchmarks/decode_ab.py --switch dependent_launch|fuse_reduce [--device cuda]
+    python benchmarks/decode_ab.py --switch dependent_launch|fuse_reduce|norm_prologue
+        [--device cuda]
         [--models llama-1b,bart-large] [--batches 1,8] [--repeats 2] [--out FILE]
 
 Switches (each replaced for the run, the benchmark's business only; the library reads no
@@ -12,6 +13,8 @@ setting for them):
                     (`DecodeTuning.fuse_reduce`) against a separate reduce launch
   dependent_launch  the decode kernels launch as programmatic dependents on Hopper
                     (`triton_kernels.dependent_launch`) against plain launches
+  norm_prologue     the default pipeline, with the norm_prologue pass (each norm folded into the
+                    GEMV that reads it), against the same pipeline without it
 
 Per (model, batch, form): every repeat's step ms, their minimum and median, and the census
 (kernels, kernel ms and busy ms per step) of the last repeat. `--out` defaults to
@@ -34,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import compiler.pipeline  # noqa: E402
 from runtime.kernels import decode_attention, triton_kernels  # noqa: E402
 
 CENSUS = ("kernels_per_step", "kernel_ms_per_step", "busy_ms_per_step")
@@ -67,8 +71,22 @@ def dependent_form(dependent: bool) -> Iterator[None]:
         triton_kernels.dependent_launch = real
 
 
+@contextlib.contextmanager
+def prologue_form(folded: bool) -> Iterator[None]:
+    """The default pipeline (what `CompileConfig(passes=None)` runs, norm_prologue in it) or
+    the same without norm_prologue, restored afterwards."""
+    default = compiler.pipeline.DEFAULT_PIPELINE
+    compiler.pipeline.DEFAULT_PIPELINE = (
+        default if folded else tuple(name for name in default if name != "norm_prologue"))
+    try:
+        yield
+    finally:
+        compiler.pipeline.DEFAULT_PIPELINE = default
+
+
 SWITCHES: dict[str, Callable[[bool], contextlib.AbstractContextManager[None]]] = {
-    "fuse_reduce": reduce_form, "dependent_launch": dependent_form}
+    "fuse_reduce": reduce_form, "dependent_launch": dependent_form,
+    "norm_prologue": prologue_form}
 
 
 def summarize(switch: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

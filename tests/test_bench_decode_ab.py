@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import compiler.pipeline
 from benchmarks import decode_ab
 from runtime.kernels import decode_attention, triton_kernels
 
@@ -29,6 +30,18 @@ def test_reduce_form_sets_every_tuning_and_restores() -> None:
             tunings = [*decode_attention.DECODE_TUNING.values(), decode_attention.DEFAULT_TUNING]
             assert {tuning.fuse_reduce for tuning in tunings} == {fused}
     assert (dict(decode_attention.DECODE_TUNING), decode_attention.DEFAULT_TUNING) == before
+
+
+def test_prologue_form_adds_or_drops_the_pass_and_restores() -> None:
+    default = compiler.pipeline.DEFAULT_PIPELINE
+    with decode_ab.prologue_form(True):
+        folded = compiler.pipeline.DEFAULT_PIPELINE
+    with decode_ab.prologue_form(False):
+        plain = compiler.pipeline.DEFAULT_PIPELINE
+    assert compiler.pipeline.DEFAULT_PIPELINE == default
+    assert "norm_prologue" in folded and "norm_prologue" not in plain
+    assert tuple(name for name in folded if name != "norm_prologue") == plain
+    assert folded.index("norm_prologue") == folded.index("linear_epilogue") + 1
 
 
 def test_summary_groups_the_interleaved_repeats() -> None:
