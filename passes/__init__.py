@@ -27,9 +27,10 @@ from passes.sdpa_masks import SdpaMasksPass
 # reads a boolean mask as it is: before sdpa_masks, which converts a boolean mask the layers'
 # SDPA calls share once, for the SDPA calls left); linear_epilogue turns
 # the projections left into fxkiln.linear, folding in an activation that is their only reader
-# (the lifted SiLU-and-mul of a fused gate_up too); norm_prologue (opt-in, below) folds a norm
-# whose output one of those projections reads into it; fold_rotary folds each fxkiln.rotary_embedding that
-# only feeds an attention into it (before kernel_choice, which binds the rotary op to a
+# (the lifted SiLU-and-mul of a fused gate_up too); norm_prologue folds a norm whose output one
+# of those projections reads into it (its kernel decides per launch whether to normalize in the
+# GEMV: runtime.kernels.triton_norm_linear.PROLOGUE_ROWS); fold_rotary folds each
+# fxkiln.rotary_embedding that only feeds an attention into it (before kernel_choice, which binds the rotary op to a
 # kernel and the attention op keeps); kernel_choice then binds every dispatch op, lifted or
 # written by the model, to its chosen kernel; cleanup last tidies up after the rewrites.
 PASSES: dict[str, type[GraphPass]] = {
@@ -52,13 +53,6 @@ PASSES: dict[str, type[GraphPass]] = {
 DEFAULT_PIPELINE: tuple[str, ...] = (
     "qkv_split", "qkv_fuse", "lift_rms_norm", "lift_add_rms_norm", "lift_layer_norm",
     "lift_add_layer_norm", "lift_act_and_mul", "lift_rotary", "lift_cache_attention",
-    "sdpa_masks", "linear_epilogue", "fold_rotary", "kernel_choice", "cleanup")
-# norm_prologue is opt-in: on the H200 its GEMV with the norm prologue made Llama-1B's decode
-# projections slower than the norm kernel and the plain GEMV (65 GEMVs 0.92 ms against 0.71 ms
-# plus 0.06 ms of norms; step 1.248 ms against 1.062 ms) and left BART-large's step as it was
-# (0.661 ms). This pipeline is the default with it, after linear_epilogue.
-NORM_PROLOGUE_PIPELINE: tuple[str, ...] = (
-    *DEFAULT_PIPELINE[:DEFAULT_PIPELINE.index("linear_epilogue") + 1], "norm_prologue",
-    *DEFAULT_PIPELINE[DEFAULT_PIPELINE.index("linear_epilogue") + 1:])
+    "sdpa_masks", "linear_epilogue", "norm_prologue", "fold_rotary", "kernel_choice", "cleanup")
 
-__all__ = ["DEFAULT_PIPELINE", "NORM_PROLOGUE_PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult"]
+__all__ = ["DEFAULT_PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult"]

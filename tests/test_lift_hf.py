@@ -27,7 +27,8 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any], bool]] = {
                             "eos_token_id": 2}, False),  # fused qkv and gate_up, partial rotary
 }
 TRITON = {op: "triton" for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul",
-                                  "gelu_and_mul", "rotary_cos_sin", "linear")}
+                                  "gelu_and_mul", "rotary_cos_sin", "linear", "norm_linear",
+                                  "add_norm_linear")}
 
 
 def hf_model(architecture: str, device: str = "cpu") -> Any:
@@ -43,15 +44,18 @@ def expected_matches(architecture: str) -> dict[str, int]:
     """Per decoder layer: two norms (both but the first layer's input norm after a residual
     add), one gated MLP, rotary on q and k; Qwen3 norms q and k per head; one final norm.
     Projections (fused qkv, o, fused gate_up, down per layer; the LM head) become fxkiln.linear,
-    SiLU-and-mul folded into gate_up's epilogue (Gemma's GELU-and-mul stays an op of its own)."""
+    SiLU-and-mul folded into gate_up's epilogue (Gemma's GELU-and-mul stays an op of its own);
+    each layer's two norms folded into the projection they feed (norm_prologue: one op for the
+    pair; the final norm reaches the LM head through the logits' row slice, and stays)."""
     qk_norms = 2 * LAYERS if ARCHITECTURES[architecture][2] else 0
     lifted = {"lift_rms_norm": 2 * LAYERS + 1 + qk_norms, "lift_add_rms_norm": 2 * LAYERS,
               "lift_act_and_mul": LAYERS, "lift_rotary": 2 * LAYERS,
               "linear_epilogue": 4 * LAYERS + 1}
     plain_norms = lifted["lift_rms_norm"] - lifted["lift_add_rms_norm"]
     unfolded_gates = LAYERS if architecture == "gemma" else 0
+    lifted["norm_prologue"] = 2 * LAYERS
     lifted["kernel_choice"] = (plain_norms + 2 * LAYERS + unfolded_gates + 2 * LAYERS
-                               + lifted["linear_epilogue"])
+                               + lifted["linear_epilogue"] - lifted["norm_prologue"])
     return lifted
 
 
@@ -75,8 +79,10 @@ def compile_and_compare(architecture: str, config: CompileConfig, device: str = 
 def test_every_idiom_lifts_and_logits_equal_eager(architecture: str) -> None:
     report = compile_and_compare(architecture, CompileConfig(device="cpu"))
     gates = {"gelu_and_mul"} if architecture == "gemma" else set()  # SiLU: in gate_up's epilogue
-    assert set(report.kernels) == {"rms_norm", "fused_add_rms_norm", "rotary_cos_sin", "linear",
-                                   *gates}
+    head_norms = {"rms_norm"} if ARCHITECTURES[architecture][2] else set()  # Qwen3's q, k norms
+    # the layers' norms ride in their projections; the final add + norm stays (the row slice)
+    assert set(report.kernels) == {"norm_linear", "add_norm_linear", "fused_add_rms_norm",
+                                   "rotary_cos_sin", "linear", *gates, *head_norms}
 
 
 @pytest.mark.slow

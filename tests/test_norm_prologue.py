@@ -15,7 +15,7 @@ from compiler import CompileConfig, compile_model
 from compiler.capture import symbolic_propagator
 from compiler.report import count_flops
 from models import from_hf
-from passes import NORM_PROLOGUE_PIPELINE, PassContext
+from passes import DEFAULT_PIPELINE, PassContext
 from passes.kernel_choice import KernelChoicePass
 from passes.linear_epilogue import LinearEpiloguePass
 from passes.norm_prologue import ADD_NORM_LINEAR_OP, NORM_LINEAR_OP, NormProloguePass
@@ -99,7 +99,7 @@ def test_op_counts_on_the_project_models(kind: str) -> None:
     through the logits' row selection) and BART's final encoder norm (read by every decoder
     layer's cross-attention K/V projection)."""
     hf = build_hf(kind, seed=3)
-    passes = NORM_PROLOGUE_PIPELINE[:NORM_PROLOGUE_PIPELINE.index("norm_prologue")]
+    passes = DEFAULT_PIPELINE[:DEFAULT_PIPELINE.index("norm_prologue")]
     config = CompileConfig(device="cpu", capture_sizes=(), passes=passes)
     after = compile_model(from_hf(hf), config=config).graph_module  # the graph the pass gets
     before = op_counts(after)
@@ -126,8 +126,7 @@ def test_op_counts_on_the_hugging_face_serving_graph() -> None:
     """The lifted norms of a Hugging Face Llama fold the same way (compile_model(hf_model)),
     the final one into the LM head too (the serving graph selects the rows before the norm)."""
     hf = build_hf("llama", seed=4)
-    compiled = compile_model(hf, config=CompileConfig(device="cpu", capture_sizes=(),
-                                                      passes=NORM_PROLOGUE_PIPELINE))
+    compiled = compile_model(hf, config=CompileConfig(device="cpu", capture_sizes=()))
     assert compiled.report.passes["norm_prologue"].matches == 2 * hf.config.num_hidden_layers + 1
     assert set(compiled.report.kernels) >= {"norm_linear", "add_norm_linear"}
 

@@ -12,7 +12,7 @@ from compiler import CompileConfig, compile_model
 from compiler.capture import symbolic_propagator
 from passes import PassContext
 from passes.qkv_fuse import QkvFusePass
-from tests.fx_helpers import LINEAR_TARGETS, graph_body, op_counts, trace
+from tests.fx_helpers import LINEAR_TARGETS, graph_body, op_counts, projections, trace
 from tests.qkv_models import DecoderStack, Shape, projection_flops, shapes, stream_inputs
 
 CPU = CompileConfig(device="cpu", verify=True)
@@ -196,10 +196,10 @@ def test_hugging_face_cross_kv_fuses_in_every_decoder_layer(
     model, inputs = build()
     compiled = compile_model(model, inputs, CPU)
     d, layers = 32, 2
-    fused = [n for n in compiled.graph_module.graph.nodes if n.op == "call_function"
-             and n.target in LINEAR_TARGETS and n.args[1].op == "get_attr"]
-    widths = [tuple(n.args[1].meta["val"].shape) for n in fused]
-    cross = [n for n, w in zip(fused, widths) if w == (2 * d, d)]
+    fused = [(n, weight) for n, weight, _ in projections(compiled.graph_module)
+             if weight.op == "get_attr"]                   # norm-fed projections included
+    widths = [tuple(weight.meta["val"].shape) for _, weight in fused]
+    cross = [n for (n, _), w in zip(fused, widths) if w == (2 * d, d)]
     assert len(cross) == layers and len({n.args[0] for n in cross}) == 1  # one encoder output
     assert widths.count((3 * d, d)) == 2 * layers  # self-attention QKV, encoder and decoder
     assert compiled.report.passes["qkv_fuse"].matches == 3 * layers

@@ -11,7 +11,7 @@ from compiler import CompileConfig, compile_model
 from compiler.capture import symbolic_propagator
 from passes import PassContext
 from passes.qkv_split import QkvSplitPass
-from tests.fx_helpers import LINEAR_TARGETS, graph_body, op_counts, trace
+from tests.fx_helpers import LINEAR_TARGETS, graph_body, op_counts, projections, trace
 from tests.qkv_models import (
     DecoderStack,
     FusedCrossAttention,
@@ -297,8 +297,7 @@ def test_our_bart_narrows_both_cross_attention_calls_in_every_decoder_layer() ->
     d, layers, tokens = hf.config.d_model, hf.config.decoder_layers, 8  # example: 8 and 8 tokens
     assert report.passes["qkv_split"].matches == 2 * layers
     assert report.passes["qkv_fuse"].matches == 0  # nothing left to fuse: one KV per layer
-    widths = {str(n.args[1].target): int(n.meta["val"].shape[-1]) for n in gm.graph.nodes
-              if n.op == "call_function" and n.target in LINEAR_TARGETS}
+    widths = {str(weight.target): int(value.shape[-1]) for _, weight, value in projections(gm)}
     for index in range(layers):
         cross = f"model_decoder_layers_{index}_encoder_attn_qkv_proj_weight_out"
         assert widths[f"{cross}_0_{d}"] == d and widths[f"{cross}_{d}_{3 * d}"] == 2 * d

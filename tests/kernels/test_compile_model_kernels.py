@@ -54,8 +54,13 @@ def test_compile_model_with_triton_rms_norm_on_cpu(monkeypatch: pytest.MonkeyPat
     assert compiled.report.frontend == "symbolic_trace"
     passes = compiled.report.passes
     assert passes["linear_epilogue"].matches == 4 * 2 + 1  # qkv, o, gate_up, down; LM head
-    # per layer 2 norms and rotary (SiLU-and-mul rides on gate_up), the final norm, projections
-    assert passes["kernel_choice"].matches == 3 * 2 + 1 + passes["linear_epilogue"].matches
+    # per layer 2 norms and rotary (SiLU-and-mul rides on gate_up), the final norm, projections;
+    # norm_prologue folds each add + norm into the projection it feeds (one op for the pair),
+    # not the plain RMSNorm pinned to Triton apart from the fused op
+    assert passes["norm_prologue"].matches == 2 * 2
+    assert passes["kernel_choice"].matches == (3 * 2 + 1 + passes["linear_epilogue"].matches
+                                               - passes["norm_prologue"].matches)
+    assert compiled.report.kernels["rms_norm"] == "triton"
     _check_done(compiled, model, inputs, expected, monkeypatch, rtol=1e-5, atol=1e-5)
 
 
