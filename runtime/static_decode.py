@@ -73,6 +73,7 @@ class StaticDecodeState:
                                                dtype=torch.int32, **on)
         self._no_slots = torch.empty(0, dtype=torch.long, **on)
         self._loaded_tables: RunningTables | None = None
+        self._staged: tuple[object, ...] | None = None  # what stage() last uploaded; None: other
         self._lock = threading.Lock()
         self._leased = False
 
@@ -120,17 +121,22 @@ class StaticDecodeState:
     def stage(self, running: RunningTables, positions: list[int], slots: list[int],
               rows: int) -> None:
         """The fast path's layout: running sequence i is at `positions[i]` and writes cache
-        slot `slots[i]`; rows up to `rows` past them are padding. One copy, plus the tables
-        when `running` is not the set loaded last. Token ids: write `input_ids` yourself."""
-        n = len(positions)
-        host = self.layout.take()
-        pad = rows - n
-        host.positions[:rows] = positions + [0] * pad
-        host.slot_mapping[:rows] = slots + [-1] * pad
-        host.seq_lens[:rows] = [p + 1 for p in positions] + [0] * pad
-        if running.encoder_lens is not None:
-            host.encoder_seq_lens[:rows] = running.encoder_lens + [0] * pad
-        self.layout.upload()
+        slot `slots[i]`; rows up to `rows` past them are padding. One copy (none when the
+        buffers hold this layout already, staged last: `WholeStepGraphs.decode` stages its
+        guess of the next step's behind each replay), plus the tables when `running` is not the
+        set loaded last. Token ids: write `input_ids` yourself."""
+        staged = (rows, *positions, None, *slots, None, running.encoder_lens)
+        if staged != self._staged:
+            n = len(positions)
+            host = self.layout.take()
+            pad = rows - n
+            host.positions[:rows] = positions + [0] * pad
+            host.slot_mapping[:rows] = slots + [-1] * pad
+            host.seq_lens[:rows] = [p + 1 for p in positions] + [0] * pad
+            if running.encoder_lens is not None:
+                host.encoder_seq_lens[:rows] = running.encoder_lens + [0] * pad
+            self.layout.upload()
+            self._staged = staged
         if running is not self._loaded_tables:
             self._load_tables(running.slot_tables, running.encoder_slot_tables)
             self._loaded_tables = running
@@ -140,6 +146,7 @@ class StaticDecodeState:
         """Copy any decode step's layout, token ids and positions into the buffers (call
         `accepts` first)."""
         n = meta.num_seqs
+        self._staged = None
         host = self.layout.take()
         pad = rows - n
         host.positions[n:rows] = [0] * pad
@@ -165,6 +172,7 @@ class StaticDecodeState:
 
     def _clear(self, rows: int) -> None:
         """Rows [0, rows) as padding: length 0, slot -1 (the steps load over them)."""
+        self._staged = None
         self.seq_lens[:rows].zero_()
         self.slot_mapping[:rows].fill_(-1)
         if self.encoder:

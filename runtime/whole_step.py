@@ -7,8 +7,11 @@ layout buffers. Two ways to replay one:
 
 - `decode` (the fast path `DecodeSession.decode` takes): the session hands host integers
   (each running sequence's position and cache slot) and its `RunningTables`; the step costs one
-  layout copy, one token copy, the replay and the clone of the logits, with no forward context,
-  no metadata object and no dispatch (the tables are copied only when the running set changes);
+  token copy, the replay and the clone of the logits, with no forward context, no metadata
+  object and no dispatch. Its layout copy comes after the replay: the next step's layout,
+  guessed (each sequence one position on) and staged while the device runs this one, so a step
+  that finds its layout staged starts with the replay (another one stages its own first; the
+  tables are copied only when the running set changes);
 - `replay` (a `StepMode.FULL` call of the runner): a call made inside a forward context that
   uses the state's caches, for a pure decode step that fits the buffers, loads that step's
   `AttentionMetadata` and inputs into the buffers.
@@ -113,6 +116,10 @@ class WholeStepGraphs:
             token_view.copy_(tokens, non_blocking=True)
         self._device.before_replay(bucket)
         self.graphs[bucket].replay()
+        # the next step's layout, guessed (each sequence one position on), staged while the
+        # device runs this one: its copy lands after the replay, in stream order; the next
+        # step then finds it staged, or (another layout) stages over it
+        self.state.stage(running, [p + 1 for p in positions], [s + 1 for s in slots], bucket)
         logits = self._logits_views.get(rows)
         if logits is None:
             logits = self._logits_views[rows] = self.graphs[bucket].outputs[:rows]

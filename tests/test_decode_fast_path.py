@@ -32,8 +32,8 @@ SIZES = (1, 2, 4)
 FAST = CompileConfig(device="cpu", capture_sizes=SIZES, simulate_capture=True,
                      kernels={"attention": "triton"}, kv_cache_tokens=256,
                      prefill_capture_sizes=())
-# what a steady decode step issues outside its graph: the packed layout copy, the token copy
-# into the graph's input, the clone of the logits
+# what a steady decode step issues outside its graph: the token copy into the graph's input,
+# the clone of the logits, the packed layout copy of the step after (staged behind the replay)
 STEADY_OPS = {"copy_": 1.0 + 1.0, "clone": 1.0}
 VOCAB = LLAMA_BASE["vocab_size"]  # BART's too
 
@@ -103,6 +103,39 @@ def test_the_fast_path_keeps_the_decode_checks(llama: tuple[Any, Any], replays: 
     with pytest.raises(RuntimeError, match="expected room left, found sequence 0 at context 3"):
         session.decode(tokens)
     assert len(replays) == before and session.context_lens == [3, 3]
+
+
+@CPU_TRITON
+@pytest.mark.slow
+def test_the_next_layout_is_staged_behind_each_replay(llama: tuple[Any, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each replay is followed by the next step's layout (each sequence one position on), so a
+    step that brings each sequence one on copies no layout before its replay; a step elsewhere
+    (the contexts moved back, as the kernel census does) stages its own first, and its logits
+    are what that position gave the first time."""
+    from runtime.replay_simulator import SimulatedGraph
+
+    _, compiled = llama
+    state = compiled.static_decode
+    order: list[str] = []
+    upload, replay = state.layout.upload, SimulatedGraph.replay
+    monkeypatch.setattr(state.layout, "upload", lambda: (order.append("upload"), upload())[1])
+    monkeypatch.setattr(SimulatedGraph, "replay",
+                        lambda graph: (order.append("replay"), replay(graph))[1])
+    session, _ = _session(compiled, [3, 5], 6, seed=11)
+    tokens = random_ids((2,), VOCAB, seed=3)
+    first = session.decode(tokens)                              # positions 3 and 5
+    bases = session.layout.bases
+    assert state.positions[:2].tolist() == [4, 6] and state.seq_lens[:2].tolist() == [5, 7]
+    assert state.slot_mapping[:2].tolist() == [bases[0] + 4, bases[1] + 6]
+    del order[:]
+    session.decode(tokens)                                      # one on: as staged
+    assert order == ["replay", "upload"]
+    del order[:]
+    session.context_lens = [3, 5]                               # back: staged anew
+    again = session.decode(tokens)
+    assert order == ["upload", "replay", "upload"]
+    torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
 
 
 # one action of the interleaving: ("decode" | "full" | "chunk", rows) or ("session", lengths)
