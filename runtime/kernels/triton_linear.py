@@ -40,6 +40,7 @@ class GemvTuning:
     budget: int      # weight-tile elements per loop iteration: block_n * block_k
     num_warps: int
     num_stages: int = 2  # software-pipelining depth of the weight loads (3 spilled once, sm_90)
+    prologue_rows: int = 0  # rows up to which an RMSNorm feeding it runs in its one-pass prologue
 
 
 MAX_GEMV_ROWS = 8
@@ -53,6 +54,10 @@ DEFAULT_BUDGET = 4096
 # benchmarks/kernels.py on an H200 (2026-12-01, results/kernels-cuda.json): the fastest of the
 # sweep at 1 and 8 rows, cuBLAS (max_rows 1 or 0) where it won at 8; shapes not listed follow
 # `gemv_tuning`'s rule. Keys: BART-large, Llama-3.2-1B and Llama-3-8B decode projections.
+# prologue_rows 1 where the one-pass RMSNorm prologue made the decode step faster (Llama-1B's
+# qkv and gate_up, decode_ab.py --switch norm_prologue: 0.952-0.956 against 1.011-1.081 ms);
+# Llama-3-8B's projections with it made its batch-1 step slower (decode.py, 4.728 against
+# 4.368 ms the session before, the GEMVs' share): 0 there, and for shapes not measured.
 GEMV_TUNING: dict[tuple[int, int, bool], GemvTuning] = {
     (1024, 1024, False): GemvTuning(max_rows=8, block_n=8, budget=8192, num_warps=8, num_stages=3),
     (1024, 4096, False): GemvTuning(max_rows=1, block_n=4, budget=8192, num_warps=8, num_stages=3),
@@ -60,7 +65,8 @@ GEMV_TUNING: dict[tuple[int, int, bool], GemvTuning] = {
     (2048, 8192, False): GemvTuning(max_rows=1, block_n=4, budget=4096, num_warps=4, num_stages=3),
     (3072, 1024, False): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4,
                                     num_stages=3),
-    (3072, 2048, False): GemvTuning(max_rows=1, block_n=8, budget=4096, num_warps=4, num_stages=3),
+    (3072, 2048, False): GemvTuning(max_rows=1, block_n=8, budget=4096, num_warps=4, num_stages=3,
+                                    prologue_rows=1),
     (4096, 1024, False): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4,
                                     num_stages=3),
     (4096, 4096, False): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4,
@@ -69,7 +75,8 @@ GEMV_TUNING: dict[tuple[int, int, bool], GemvTuning] = {
                                      num_stages=3),
     (6144, 4096, False): GemvTuning(max_rows=1, block_n=16, budget=4096, num_warps=4,
                                     num_stages=3),
-    (8192, 2048, True): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4, num_stages=2),
+    (8192, 2048, True): GemvTuning(max_rows=8, block_n=16, budget=4096, num_warps=4, num_stages=2,
+                                   prologue_rows=1),
     (14336, 4096, True): GemvTuning(max_rows=1, block_n=64, budget=8192, num_warps=8,
                                     num_stages=3),
     (50265, 1024, False): GemvTuning(max_rows=8, block_n=64, budget=8192, num_warps=8,
@@ -95,16 +102,21 @@ def gemv_tuning(out_features: int, in_features: int, gated: bool, weight_bytes: 
     return GemvTuning(max_rows=MAX_GEMV_ROWS, block_n=block_n, budget=DEFAULT_BUDGET, num_warps=4)
 
 
-def linear_constants(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     activation: str) -> tuple[int, int, int, int, int]:
-    """(max_rows, block_n, budget, num_warps, num_stages) for a projection by `weight`."""
+def projection_tuning(weight: torch.Tensor, activation: str) -> GemvTuning:
+    """The tuning of the projection by `weight` with the epilogue `activation`."""
     weight_rows = _static(weight.shape[0], "weight rows (output features)")
     in_features = _static(weight.shape[1], "weight columns (input features)")
     gated = activation == "silu_and_mul"
     out_features = weight_rows // 2 if gated else weight_rows
-    tuning = gemv_tuning(out_features, in_features, gated,
-                         weight_rows * in_features * weight.element_size(),
-                         device_processors(weight.device))
+    return gemv_tuning(out_features, in_features, gated,
+                       weight_rows * in_features * weight.element_size(),
+                       device_processors(weight.device))
+
+
+def linear_constants(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     activation: str) -> tuple[int, int, int, int, int]:
+    """(max_rows, block_n, budget, num_warps, num_stages) for a projection by `weight`."""
+    tuning = projection_tuning(weight, activation)
     return tuning.max_rows, tuning.block_n, tuning.budget, tuning.num_warps, tuning.num_stages
 
 

@@ -4,7 +4,7 @@ program normalizes the few input rows itself, `linear_rows_kernel`'s PROLOGUE), 
 the one projection that reads it are one launch.
 
 Launch constants: the projection's (`linear_constants`), the norm kernel's, and the most rows
-the prologue takes (`PROLOGUE_ROWS`), all static, baked into the graph by kernel_choice. A call
+the prologue takes (`prologue_rows`), all static, baked into the graph by kernel_choice. A call
 with more rows, or whose weight the tuning leaves to cuBLAS, runs the unfused pair: the norm
 kernel, then the projection as `fxkiln.linear` runs it (the GEMV up to `max_rows`, cuBLAS and
 the activation above); a call a dispatch mode observes runs the native twin.
@@ -16,18 +16,24 @@ import torch
 from runtime.kernels import native, triton_kernels
 from runtime.kernels.triton_kernels import _norm, _norm_constants, _rows, observed
 from runtime.kernels.triton_linear import (NormPrologue, gemv, linear, linear_constants,
-                                           takes_gemv)
+                                           projection_tuning, takes_gemv)
 from runtime.registry import register_kernel
 
 LaunchConstants = tuple[int, int, int, int, int, int, int, int]
-# The most rows the prologue serves, per norm (fewer than the GEMV's max_rows where smaller).
-# Measured on an H200 (benchmarks/kernels.py --kernels norm_linear and decode_ab.py --switch
-# norm_prologue, 2026-12-01): RMSNorm's one-pass prologue at one row beat the norm kernel then
-# the GEMV (Llama-1B gate_up 18.0 against 19.5 us; decode step 0.952-0.956 against
-# 1.011-1.081 ms), while the statistics sweep that 8 rows and LayerNorm need before the
-# weight stream lost (gate_up at 8 rows 53.9 against 20.8 us; BART-large's projections 6.4 to
-# 8.4 against 4.8 to 6.4 us; its step 0.636 against 0.576 ms).
-PROLOGUE_ROWS = {"rms": 1, "layer": 0}
+
+
+def prologue_rows(norm: str, weight: torch.Tensor, activation: str) -> int:
+    """The most rows the prologue serves: RMSNorm's one pass up to the projection's
+    `GemvTuning.prologue_rows` (where it was measured faster); LayerNorm's never. Measured on an
+    H200 (benchmarks/kernels.py --kernels norm_linear, decode_ab.py --switch norm_prologue,
+    2026-12-01): the statistics sweep that LayerNorm (and more than one row) needs before the
+    weight stream lost to the norm kernel then the GEMV (Llama-1B's gate_up at 8 rows 53.9
+    against 20.8 us; BART-large's projections 6.4 to 8.4 against 4.8 to 6.4 us, its step 0.636
+    against 0.576 ms)."""
+    if norm != "rms":
+        return 0
+    tuning = projection_tuning(weight, activation)
+    return min(tuning.max_rows, tuning.prologue_rows)
 
 
 def norm_linear_constants(x: torch.Tensor, norm_weight: torch.Tensor,
@@ -36,8 +42,8 @@ def norm_linear_constants(x: torch.Tensor, norm_weight: torch.Tensor,
                           activation: str) -> LaunchConstants:
     """(max_rows, block_n, budget, num_warps, num_stages, norm block, norm warps, the most rows
     the prologue takes)."""
-    projection = linear_constants(x, weight, bias, activation)
-    return (*projection, *_norm_constants(x), min(projection[0], PROLOGUE_ROWS[norm]))
+    return (*linear_constants(x, weight, bias, activation), *_norm_constants(x),
+            prologue_rows(norm, weight, activation))
 
 
 def add_norm_linear_constants(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,

@@ -141,7 +141,7 @@ def test_mixed_dtypes_round_where_the_norm_rounds(carry: str) -> None:
     x, residual = torch.randn(1, 32).half(), torch.randn(1, 32).half()
     norm_weight, weight = 1.0 + 0.1 * torch.randn(32), torch.randn(8, 32)
     args = (x, residual, norm_weight, None, 1e-6, "rms", weight, None, "none", carry)
-    constants = triton_norm_linear.add_norm_linear_constants(*args)
+    constants = (*triton_norm_linear.add_norm_linear_constants(*args)[:-1], 1)  # the prologue
     (expected, expected_carried), (actual, carried) = _run(args, (), True), _run(args, constants)
     assert (actual.dtype, carried.dtype) == (torch.float32, expected_carried.dtype)
     if carry == "normed":
@@ -171,16 +171,18 @@ def test_flop_counting_sees_the_projection() -> None:
 
 
 def test_launch_constants_are_the_projections_then_the_norms() -> None:
-    weight = torch.empty(8192, 2048, dtype=torch.bfloat16)  # Llama-1B's gate_up
+    weight = torch.empty(16384, 2048, dtype=torch.bfloat16)  # Llama-1B's gate_up
     x = torch.empty(1, 2048, dtype=torch.bfloat16)
     constants = triton_norm_linear.norm_linear_constants(
         x, torch.empty(2048), None, 1e-5, "rms", weight, None, "silu_and_mul")
     projection = triton_linear.linear_constants(x, weight, None, "silu_and_mul")
-    assert constants == (*projection, *triton_kernels._norm_constants(x),
-                         min(projection[0], triton_norm_linear.PROLOGUE_ROWS["rms"]))
+    assert constants == (*projection, *triton_kernels._norm_constants(x), 1)  # tuned: 1 row
     layer = triton_norm_linear.norm_linear_constants(
         x, torch.empty(2048), None, 1e-5, "layer", weight, None, "silu_and_mul")
-    assert layer[:-1] == constants[:-1] and layer[-1] == triton_norm_linear.PROLOGUE_ROWS["layer"]
+    assert layer[:-1] == constants[:-1] and layer[-1] == 0  # LayerNorm: never
+    untuned = torch.empty(8192, 1536, dtype=torch.bfloat16)  # no tuning: the rule, no prologue
+    assert triton_norm_linear.norm_linear_constants(
+        x[:, :1536], torch.empty(1536), None, 1e-5, "rms", untuned, None, "silu_and_mul")[-1] == 0
 
 
 @needs_interpreter
