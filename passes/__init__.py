@@ -29,10 +29,11 @@ from passes.sdpa_masks import SdpaMasksPass
 # the projections left into fxkiln.linear, folding in an activation that is their only reader
 # (the lifted SiLU-and-mul of a fused gate_up too); norm_prologue folds a norm whose output one
 # of those projections reads into it (its kernel decides per launch whether to normalize in the
-# GEMV: runtime.kernels.triton_norm_linear.prologue_rows); fold_rotary folds each
-# fxkiln.rotary_embedding that only feeds an attention into it (before kernel_choice, which binds the rotary op to a
-# kernel and the attention op keeps); kernel_choice then binds every dispatch op, lifted or
-# written by the model, to its chosen kernel; cleanup last tidies up after the rewrites.
+# GEMV: runtime.kernels.triton_norm_linear.tuned_prologue_rows); fold_rotary folds each
+# fxkiln.rotary_embedding that only feeds an attention into it (before kernel_choice, which
+# binds the rotary op to a kernel and the attention op keeps); kernel_choice then binds every
+# dispatch op, lifted or written by the model, to its chosen kernel; cleanup last tidies up
+# after the rewrites.
 PASSES: dict[str, type[GraphPass]] = {
     QkvSplitPass.name: QkvSplitPass,
     QkvFusePass.name: QkvFusePass,

@@ -72,12 +72,15 @@ def linear_rows_kernel(
     gate_rows = weight_ptr + cols.to(tl.int64)[:, None] * weight_row_stride   # (BLOCK_N, 1)
     up_rows = gate_rows + OUT_FEATURES * weight_row_stride
     dot_dtype = tl.float32 if UPCAST else weight_ptr.dtype.element_ty
-    if PROLOGUE != NO_NORM and (PROLOGUE == LAYER_NORM or STORE_NORMED or BLOCK_M > 1):
+    ONE_PASS: tl.constexpr = PROLOGUE == RMS_NORM and not STORE_NORMED and BLOCK_M == 1
+    SWEPT: tl.constexpr = PROLOGUE != NO_NORM and not ONE_PASS  # statistics before the loop
+    if SWEPT:
         mean, rstd = prologue_jit.row_stats(
             x_ptr, residual_ptr, sum_ptr, row_ids, row_mask, x_row_stride,
             residual_row_stride, eps, IN_FEATURES, BLOCK_M, BLOCK_K, PROLOGUE == LAYER_NORM,
             HAS_RESIDUAL)
-    squares = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)  # the one pass's sum of squares
+    if ONE_PASS:
+        squares = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
     if BLOCK_M == 1:
         products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         up_products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -98,7 +101,7 @@ def linear_rows_kernel(
             if STORE_SUM:
                 tl.store(sum_ptr + row_ids[:, None] * IN_FEATURES + ks[None, :],
                          x.to(sum_ptr.dtype.element_ty), mask=first)
-            if PROLOGUE == LAYER_NORM or STORE_NORMED or BLOCK_M > 1:
+            if SWEPT:
                 x = prologue_jit.normed_tile(x, mean, rstd, norm_weight_ptr, norm_bias_ptr,
                                              sum_ptr, out_ptr, ks, k_mask, x_mask,
                                              PROLOGUE == LAYER_NORM, HAS_NORM_BIAS)
@@ -125,7 +128,7 @@ def linear_rows_kernel(
     if BLOCK_M == 1:
         acc = tl.sum(products, axis=1)[None, :]                              # (1, BLOCK_N)
         up_acc = tl.sum(up_products, axis=1)[None, :]
-    if PROLOGUE == RMS_NORM and not STORE_NORMED and BLOCK_M == 1:  # the one pass's scale
+    if ONE_PASS:
         rstd = (1.0 / tl.sqrt(tl.sum(squares, axis=1) / IN_FEATURES + eps))[:, None]
         acc *= rstd                                                          # (BLOCK_M, 1)
         up_acc *= rstd

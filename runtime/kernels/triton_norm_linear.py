@@ -4,7 +4,7 @@ program normalizes the few input rows itself, `linear_rows_kernel`'s PROLOGUE), 
 the one projection that reads it are one launch.
 
 Launch constants: the projection's (`linear_constants`), the norm kernel's, and the most rows
-the prologue takes (`prologue_rows`), all static, baked into the graph by kernel_choice. A call
+the prologue takes (`tuned_prologue_rows`), all static, baked into the graph by kernel_choice. A call
 with more rows, or whose weight the tuning leaves to cuBLAS, runs the unfused pair: the norm
 kernel, then the projection as `fxkiln.linear` runs it (the GEMV up to `max_rows`, cuBLAS and
 the activation above); a call a dispatch mode observes runs the native twin.
@@ -22,7 +22,7 @@ from runtime.registry import register_kernel
 LaunchConstants = tuple[int, int, int, int, int, int, int, int]
 
 
-def prologue_rows(norm: str, weight: torch.Tensor, activation: str) -> int:
+def tuned_prologue_rows(norm: str, weight: torch.Tensor, activation: str) -> int:
     """The most rows the prologue serves: RMSNorm's one pass up to the projection's
     `GemvTuning.prologue_rows` (where it was measured faster); LayerNorm's never. Measured on an
     H200 (benchmarks/kernels.py --kernels norm_linear, decode_ab.py --switch norm_prologue,
@@ -43,7 +43,7 @@ def norm_linear_constants(x: torch.Tensor, norm_weight: torch.Tensor,
     """(max_rows, block_n, budget, num_warps, num_stages, norm block, norm warps, the most rows
     the prologue takes)."""
     return (*linear_constants(x, weight, bias, activation), *_norm_constants(x),
-            prologue_rows(norm, weight, activation))
+            tuned_prologue_rows(norm, weight, activation))
 
 
 def add_norm_linear_constants(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
